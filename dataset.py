@@ -1,0 +1,377 @@
+"""Data: find the images, split them without leaks, cache decoded pixels, augment.
+
+Two layouts are read (real_data -> label 0, fake_data -> label 1):
+
+    Dataset/real_data/*.jpg             one pool, split here (stratified, seeded)
+    Dataset/fake_data/*.jpg
+    Dataset/{train,val,test}/{real_data,fake_data}/*.jpg   already split (val optional)
+
+Why the care: a detector's test score means nothing if a test image (or a frame
+of the same video, or a byte-identical copy) was also seen in training. So exact
+duplicates and frames of one source video are grouped, and a group lives in one
+split only. Balancing (oversampling) happens after the split, on train only.
+
+    from dataset import prepare_data
+    data = prepare_data("Dataset", image_size=224, mean=..., std=...)
+    data.datasets["train"][0]   # (tensor (3, 224, 224) float, label)
+"""
+import csv
+import hashlib
+import json
+import os
+import random
+import re
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+CLASSES = ("real", "fake")  # index = label
+CLASS_DIRS = ("real_data", "fake_data")
+SPLITS = ("train", "val", "test")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
+# frames written by faces.py: <source>_f0012_0.jpg (or <source>_f0012.jpg)
+FRAME_NAME = re.compile(r"^(?P<source>.+)_f\d+(_\d+)?$")
+LAYOUT_HELP = ("expected <root>/real_data/ and <root>/fake_data/ with images, "
+               "or <root>/{train,val,test}/{real_data,fake_data}/ (see Dataset/README.md)")
+
+
+class DatasetError(Exception):
+    """The data folder cannot be used; the message says which path and why."""
+
+
+@dataclass
+class Sample:
+    path: str
+    label: int
+    group: str = ""       # source video or duplicate set: never split apart
+    split: str = ""       # set here, or by the folder in the pre-split layout
+    digest: str = ""      # sha1 of the file's bytes
+    row: int = -1         # row in the decoded-image cache
+
+
+# ---------------------------------------------------------------- finding files
+
+def _images_in(folder):
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _class_samples(folder, split=""):
+    """Samples of <folder>/real_data and <folder>/fake_data; errors name the path."""
+    samples = []
+    for label, name in enumerate(CLASS_DIRS):
+        d = folder / name
+        if not d.is_dir():
+            raise DatasetError(f"{d}: class folder missing; {LAYOUT_HELP}")
+        files = _images_in(d)
+        if not files:
+            raise DatasetError(f"{d}: no images ({', '.join(sorted(IMAGE_EXTS))}); {LAYOUT_HELP}")
+        sources = _manifest_sources(d)
+        for p in files:
+            m = FRAME_NAME.match(p.stem)
+            source = sources.get(p.name) or (m["source"] if m else "")
+            samples.append(Sample(str(p), label, group=source, split=split))
+    return samples
+
+
+def _manifest_sources(folder):
+    """file name -> source video, from the manifest.csv that faces.py writes."""
+    path = folder / "manifest.csv"
+    if not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["file"]: row["source"] for row in csv.DictReader(f) if row.get("file")}
+
+
+def find_samples(root):
+    """List every image under root with its label (and split, for a pre-split root)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data folder not found; {LAYOUT_HELP}")
+    if (root / "train").is_dir():
+        present = [s for s in SPLITS if (root / s).is_dir()]
+        if "test" not in present:
+            raise DatasetError(f"{root / 'test'}: missing in a pre-split root; {LAYOUT_HELP}")
+        return [s for split in present for s in _class_samples(root / split, split)], True
+    if not any((root / d).is_dir() for d in CLASS_DIRS):
+        raise DatasetError(f"{root}: neither real_data/fake_data nor train/val/test inside; {LAYOUT_HELP}")
+    return _class_samples(root), False
+
+
+# ---------------------------------------------------------------- loading pixels
+
+def load_rgb(path):
+    """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit included."""
+    with Image.open(path) as im:
+        im.load()  # decode now, so a truncated file fails here and not in a worker
+        im = ImageOps.exif_transpose(im)
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit: scale 0..65535 to 0..255 (convert("L") would clip instead)
+            a = np.asarray(im, dtype=np.float32) / 257.0
+            im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+        if im.mode == "P":
+            im = im.convert("RGBA")
+        if im.mode in ("RGBA", "LA", "PA"):
+            # transparent pixels become white, as most viewers show them
+            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(background, im.convert("RGBA"))
+        return im.convert("RGB")
+
+
+def resize_square(im, size):
+    """Resize the short side to `size` and centre-crop a square: PIL image -> (size, size, 3) uint8."""
+    return np.array(ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR))
+
+
+class _Decode(Dataset):
+    """Decode + resize + hash one file; a DataLoader runs it on every core."""
+
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        path = self.paths[i]
+        try:
+            digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
+            return i, resize_square(load_rgb(path), self.size), digest, ""
+        except Exception as e:  # any decoder error means: skip this file, say why
+            return i, np.zeros((self.size, self.size, 3), np.uint8), "", f"{type(e).__name__}: {e}"
+
+
+def build_cache(samples, size, cache_dir="cache", workers=2):
+    """Decode every image once into a uint8 (N, size, size, 3) .npy memmap.
+
+    The cache folder's name hashes the file list with sizes and mtimes, so any
+    added, removed or edited file gives a new cache. Sets Sample.row and
+    Sample.digest; returns (memmap, {path: error} for unreadable files).
+    """
+    paths = [s.path for s in samples]
+    key = hashlib.sha1(json.dumps([size] + [
+        (os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]).encode()).hexdigest()[:16]
+    folder = Path(cache_dir) / f"{size}px-{key}"
+    index_path = folder / "index.json"
+    if index_path.is_file():  # written last, so its presence means the cache is complete
+        index = json.loads(index_path.read_text())
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (len(paths), size, size, 3))
+        index = {"paths": paths, "digests": [""] * len(paths), "errors": {}}
+        loader = DataLoader(_Decode(paths, size), batch_size=None, num_workers=workers)
+        from tqdm import tqdm
+        for i, pixels, digest, error in tqdm(loader, desc=f"caching {len(paths)} images", unit="img"):
+            images[i], index["digests"][i] = pixels.numpy(), digest
+            if error:
+                index["errors"][paths[i]] = error
+        images.flush()
+        tmp = index_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
+    for row, s in enumerate(samples):
+        s.row, s.digest = row, index["digests"][row]
+    return np.load(folder / "images.npy", mmap_mode="r"), index["errors"]
+
+
+# ---------------------------------------------------------------- splitting
+
+def group_samples(samples):
+    """Merge groups that share a source video or identical bytes (union-find).
+
+    Returns the number of files that are byte-identical copies of another file.
+    """
+    parent = {}
+
+    def find(x):
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for s in samples:
+        keys = ["sha1:" + s.digest] + (["src:" + s.group] if s.group else [])
+        for k in keys[1:]:
+            parent[find(k)] = find(keys[0])
+    for s in samples:
+        s.group = find("sha1:" + s.digest)
+    return len(samples) - len({s.digest for s in samples})
+
+
+def split_groups(samples, val_fraction, test_fraction, seed):
+    """Stratified, seeded split that never puts one group in two splits.
+
+    Hand-written because scikit-learn has no train/val/test splitter that is
+    both stratified and grouped with given fractions. Groups are shuffled per
+    class (the group's majority label), then test and val are filled up to
+    their share of that class and the rest goes to train.
+    """
+    groups = {}
+    for s in samples:
+        groups.setdefault(s.group, []).append(s)
+    rng = random.Random(seed)
+    for label in range(len(CLASSES)):
+        members = sorted((g for g, m in groups.items()
+                          if Counter(s.label for s in m).most_common(1)[0][0] == label))
+        rng.shuffle(members)
+        total = sum(len(groups[g]) for g in members)
+        # cumulative bounds: the first test_fraction of the shuffled groups go to test, then val
+        bounds = [("test", test_fraction * total), ("val", (test_fraction + val_fraction) * total)]
+        filled = 0
+        for g in members:
+            split = next((name for name, upto in bounds if filled < upto), "train")
+            for s in groups[g]:
+                s.split = split
+            filled += len(groups[g])
+
+
+def drop_cross_split_copies(samples):
+    """Pre-split roots: drop val/test files whose bytes (or source) also sit in an earlier split."""
+    first = {}
+    for s in sorted(samples, key=lambda s: SPLITS.index(s.split)):
+        first.setdefault(s.group, s.split)
+    kept = [s for s in samples if first[s.group] == s.split]
+    return kept, len(samples) - len(kept)
+
+
+# ---------------------------------------------------------------- transforms (train and eval side by side)
+
+def train_transform(image_size, mean, std):
+    """Random crop, flip, small affine, colour and JPEG-quality jitter: uint8 (3, H, W) -> normalized float."""
+    return v2.Compose([
+        v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.RandomAffine(degrees=10, translate=(0.05, 0.05))], p=0.3),
+        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
+        # re-compression hides or adds JPEG artefacts: a detector must not key on them
+        v2.RandomApply([v2.JPEG(quality=(60, 100))], p=0.3),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def eval_transform(image_size, mean, std):
+    """Deterministic: resize the short side, centre crop, normalize."""
+    return v2.Compose([
+        v2.Resize(image_size, antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])
+
+
+def cache_size_for(image_size):
+    """Cache a little larger than the model input (256 for 224) so random crops have room."""
+    return int(round(image_size * 256 / 224))
+
+
+# ---------------------------------------------------------------- the dataset
+
+class DeepfakeDataset(Dataset):
+    """Face images and labels (0 real, 1 fake).
+
+    Pixels come from the decoded cache (a uint8 memmap, fast) when one is given,
+    else each image is decoded from disk on every access (the plain path).
+    """
+
+    classes = CLASSES
+
+    def __init__(self, samples, transform=None, cache=None):
+        self.samples, self.transform, self.cache = samples, transform, cache
+        self.targets = [s.label for s in samples]
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        s = self.samples[i]
+        if self.cache is not None:
+            img = torch.from_numpy(np.array(self.cache[s.row])).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
+        else:
+            img = v2.functional.pil_to_tensor(load_rgb(s.path))
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, s.label
+
+
+@dataclass
+class Data:
+    """What prepare_data found: one DeepfakeDataset per split, and what it skipped or merged."""
+    datasets: dict
+    samples: list
+    corrupt: dict = field(default_factory=dict)   # path -> error
+    duplicates: int = 0                           # byte-identical copies found
+    dropped_copies: int = 0                       # pre-split: val/test copies of train files, removed
+    multi_file_groups: int = 0                    # groups of >1 file (video frames, copies)
+    presplit: bool = False
+
+
+def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0.15, seed=0,
+                 max_per_class=0, cache_dir="cache", workers=2, use_cache=True):
+    """Find, decode (once, cached), de-duplicate, group and split the images under root."""
+    samples, presplit = find_samples(root)
+    if max_per_class:
+        rng = random.Random(seed)  # a seeded subset, not the first files alphabetically
+        samples = [s for label in range(len(CLASSES))
+                   for s in sorted(rng.sample([s for s in samples if s.label == label],
+                                              min(max_per_class, sum(s.label == label for s in samples))),
+                                   key=lambda s: s.path)]
+    cache, corrupt = build_cache(samples, cache_size_for(image_size), cache_dir, workers)
+    if corrupt:
+        warnings.warn(f"skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
+                      + "\n  ".join(f"{p} ({e})" for p, e in list(corrupt.items())[:20])
+                      + ("\n  ..." if len(corrupt) > 20 else ""), stacklevel=2)
+    samples = [s for s in samples if s.path not in corrupt]
+    for label, name in enumerate(CLASS_DIRS):
+        if not any(s.label == label for s in samples):
+            raise DatasetError(f"{root}: no readable images left in {name}/; nothing to train on")
+    duplicates = group_samples(samples)
+    dropped = 0
+    if presplit:
+        samples, dropped = drop_cross_split_copies(samples)
+        if not any(s.split == "val" for s in samples):  # carve val out of train
+            train = [s for s in samples if s.split == "train"]
+            split_groups(train, val_fraction, 0.0, seed)
+    else:
+        split_groups(samples, val_fraction, test_fraction, seed)
+    sizes = Counter(s.group for s in samples)
+    tf = {"train": train_transform(image_size, mean, std), "val": eval_transform(image_size, mean, std),
+          "test": eval_transform(image_size, mean, std)}
+    datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
+                                       cache if use_cache else None) for split in SPLITS}
+    return Data(datasets, samples, corrupt, duplicates, dropped,
+                sum(n > 1 for n in sizes.values()), presplit)
+
+
+def write_split_csv(samples, path):
+    """One row per image: which split it went to and why (its group)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "class", "split", "group", "sha1"])
+        for s in sorted(samples, key=lambda s: (SPLITS.index(s.split), s.path)):
+            w.writerow([s.path, s.label, CLASSES[s.label], s.split, s.group, s.digest])
+
+
+def balanced_sampler(dataset):
+    """WeightedRandomSampler drawing each class equally often (train split only).
+
+    It draws from torch's global RNG, which main.py re-seeds every epoch so that
+    a resumed run sees the same batches as an uninterrupted one.
+    """
+    counts = Counter(dataset.targets)
+    weights = torch.tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True)
+
+
+def oversample(dataset):
+    """Repeat minority-class training samples until classes are equal (after the split, never before)."""
+    by_label = {c: [s for s in dataset.samples if s.label == c] for c in set(dataset.targets)}
+    most = max(len(v) for v in by_label.values())
+    samples = [s for v in by_label.values() for s in (v * (most // len(v) + 1))[:most]]
+    return DeepfakeDataset(samples, dataset.transform, dataset.cache)

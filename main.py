@@ -1,0 +1,257 @@
+"""Train, evaluate and report a real-vs-fake face image detector.
+
+    python main.py --epochs 10 --batch_size 16 --lr 1e-4             # Dataset/, ImageNet ResNet18
+    python main.py --data_root ../shared/data/faces140k --weights none --epochs 3
+    python main.py --resume                                          # continue results/checkpoints/last.pt
+    python main.py --evaluate_only --checkpoint results/checkpoints/best.pt
+
+Everything a grader needs lands in --output_dir (default results/): summary.md
+first, then the report, plots, metrics.json, history.csv, args.json, split.csv.
+"""
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+import dataset
+import engine
+import report
+from model import MODELS, DeepfakeDetector, WeightsError
+
+# flags that define the data split and the network: a resumed or re-evaluated
+# run takes these from the checkpoint, so its test split is the one trained for
+SPLIT_AND_MODEL_KEYS = ("val_fraction", "test_fraction", "seed", "max_per_class", "image_size", "model",
+                        "freeze_backbone")
+
+
+def _positive(cast):
+    def check(text):
+        value = cast(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return check
+
+
+def _fraction(text):
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Deepfake face-image detector", add_help=True)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data_root", default="Dataset", help="folder with real_data/ and fake_data/, or "
+                   "train/val/test/ with those inside (default: Dataset)")
+    g.add_argument("--val_fraction", type=_fraction, default=0.15, help="share of images for validation (default: 0.15)")
+    g.add_argument("--test_fraction", type=_fraction, default=0.15, help="share of images for test (default: 0.15)")
+    g.add_argument("--max_per_class", type=int, default=0, help="use a seeded random subset of N images "
+                   "per class, for quick runs (default: 0 = all)")
+    g.add_argument("--balance", choices=["none", "sampler", "oversample"], default="none",
+                   help="balance classes in the training split only: weighted sampler or repeated "
+                   "minority images (default: none)")
+    g.add_argument("--image_size", type=_positive(int), default=None,
+                   help="input size in pixels (default: the model's, 224 for resnet18)")
+    g.add_argument("--cache_dir", default="cache", help="decoded-image cache; delete it any time (default: cache)")
+    g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="data-loading processes (default: min(2, CPU count))")
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default="resnet18", choices=sorted(MODELS), help="backbone (default: resnet18)")
+    g.add_argument("--weights", default="imagenet", help="imagenet (torchvision download), none (random init), "
+                   "or PATH to a backbone state_dict file (default: imagenet)")
+    g.add_argument("--freeze_backbone", action="store_true", help="train the two-class head only")
+    g = parser.add_argument_group("training")
+    g.add_argument("--epochs", type=_positive(int), default=10, help="number of epochs (default: 10)")
+    g.add_argument("--batch_size", type=_positive(int), default=16, help="images per batch (default: 16)")
+    g.add_argument("--lr", type=_positive(float), default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    g.add_argument("--weight_decay", type=float, default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    g.add_argument("--seed", type=int, default=0, help="seeds the split, init and batches (default: 0)")
+    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
+    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto: bf16 autocast + channels_last on CUDA and on CPUs with native bf16, "
+                   "else fp32 (default: auto)")
+    g = parser.add_argument_group("output and checkpoints")
+    g.add_argument("--output_dir", default="results", help="where reports and checkpoints go (default: results)")
+    g.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                   help="continue from CKPT (default: <output_dir>/checkpoints/last.pt)")
+    g.add_argument("--overwrite", action="store_true", help="allow replacing an earlier run in --output_dir")
+    g.add_argument("--evaluate_only", action="store_true", help="only evaluate --checkpoint and write the report")
+    g.add_argument("--checkpoint", default=None, help="checkpoint for --evaluate_only "
+                   "(default: <output_dir>/checkpoints/best.pt)")
+    g.add_argument("--eval_split", choices=["test", "all"], default="test", help="with --evaluate_only: the "
+                   "test split of the checkpoint's data split, or every image under --data_root (default: test)")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if args.val_fraction + args.test_fraction >= 1:
+        parser.error(f"--val_fraction + --test_fraction must leave images to train on "
+                     f"(got {args.val_fraction} + {args.test_fraction})")
+    return args
+
+
+def make_loader(ds, args, train):
+    sampler = dataset.balanced_sampler(ds) if train and args.balance == "sampler" else None
+    return DataLoader(ds, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=args.workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=args.workers > 0, drop_last=False)
+
+
+def load_data(args, model):
+    data = dataset.prepare_data(args.data_root, args.image_size, model.mean, model.std, args.val_fraction,
+                                args.test_fraction, args.seed, args.max_per_class, args.cache_dir, args.workers)
+    if args.balance == "oversample":
+        data.datasets["train"] = dataset.oversample(data.datasets["train"])
+    return data
+
+
+def data_story(data):
+    """The facts about the data that belong in summary.md."""
+    counts = {split: f"{len(ds)} ({sum(t == 0 for t in ds.targets)} real, {sum(t == 1 for t in ds.targets)} fake)"
+              for split, ds in data.datasets.items()}
+    story = {"layout": "pre-split folders" if data.presplit else "one pool, split here (stratified, grouped, seeded)",
+             **{f"{k} images": v for k, v in counts.items()},
+             "byte-identical duplicates found (kept in one split)": data.duplicates,
+             "groups of several files (video frames or copies), each kept in one split": data.multi_file_groups,
+             "unreadable files skipped": len(data.corrupt)}
+    if data.dropped_copies:
+        story["val/test copies of train files removed"] = data.dropped_copies
+    if data.corrupt:
+        story["unreadable files"] = ", ".join(f"`{p}`" for p in list(data.corrupt)[:10])
+    return story
+
+
+def fit(args, model, data, device, out):
+    """The training loop: one epoch, validate, checkpoint; returns the history rows."""
+    amp = engine.autocast_dtype(device, args.precision)
+    loaders = {"train": make_loader(data.datasets["train"], args, True),
+               "val": make_loader(data.datasets["val"], args, False)}
+    criterion = nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    start_epoch, best_auc, history = 0, -1.0, []
+    if args.resume is not None:
+        ckpt = engine.load_checkpoint(args.resume or out / "checkpoints" / "last.pt", device)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scheduler.T_max = args.epochs  # lets a resumed run be given more epochs
+        start_epoch, best_auc, history = ckpt["epoch"] + 1, ckpt["best_auc"], ckpt["history"]
+        print(f"resumed from epoch {start_epoch} (best val AUC so far {best_auc:.4f})")
+    state = lambda epoch, threshold: {  # noqa: E731  (one dict: everything a resume needs)
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "epoch": epoch, "best_auc": best_auc, "history": history, "args": vars(args), "threshold": threshold,
+        "classes": list(dataset.CLASSES)}
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, args.epochs):
+            # batches and augmentation depend on (seed, epoch) only, so resuming replays them exactly
+            torch.manual_seed(args.seed + epoch)
+            tr = engine.train_one_epoch(model, criterion, optimizer, loaders["train"], device, epoch,
+                                        amp, scaler, channels_last=amp is not None,
+                                        desc=f"epoch {epoch + 1}/{args.epochs} train")
+            va = engine.evaluate(model, criterion, loaders["val"], device, amp, amp is not None, desc="val")
+            scheduler.step()
+            val_m = report.compute_metrics(va["labels"], va["probs"])
+            threshold = report.eer_threshold(va["labels"], va["probs"])[0]
+            score = va["acc"] if math.isnan(val_m["roc_auc"]) else val_m["roc_auc"]  # AUC needs both classes
+            history.append({"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
+                            "val_loss": va["loss"], "val_acc": va["acc"], "val_auc": val_m["roc_auc"],
+                            "lr": optimizer.param_groups[0]["lr"], "train_img_s": tr["img_s"]})
+            print(f"epoch {epoch + 1}/{args.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
+                  f"({tr['img_s']:.1f} img/s) | val loss {va['loss']:.4f} acc {va['acc']:.4f} "
+                  f"AUC {val_m['roc_auc']:.4f}")
+            report.write_history_csv(history, out / "history.csv")
+            improved = score > best_auc
+            best_auc = max(best_auc, score)
+            engine.save_checkpoint(state(epoch, threshold), out / "checkpoints" / "last.pt")
+            if improved:
+                engine.save_checkpoint(state(epoch, threshold), out / "checkpoints" / "best.pt")
+    except KeyboardInterrupt:
+        # keep what was learned; the interrupted epoch is re-run in full by --resume
+        engine.save_checkpoint(state(epoch - 1, None), out / "checkpoints" / "last.pt")
+        print(f"\ninterrupted in epoch {epoch + 1}: saved {out / 'checkpoints' / 'last.pt'}; "
+              f"continue with: python main.py --resume --output_dir {out}")
+        sys.exit(130)
+    return history
+
+
+def evaluate_and_report(args, model, ckpt, data, device, out, history):
+    """Score the test split with the best checkpoint; write every report file."""
+    model.load_state_dict(ckpt["model"])
+    amp = engine.autocast_dtype(device, args.precision)
+    split = "test" if args.eval_split == "test" else "all"
+    ds = data.datasets["test"] if split == "test" else dataset.DeepfakeDataset(
+        data.samples, data.datasets["test"].transform, data.datasets["test"].cache)
+    te = engine.evaluate(model, nn.CrossEntropyLoss(), make_loader(ds, args, False), device, amp,
+                         amp is not None, desc=split)
+    threshold = ckpt["threshold"] if ckpt.get("threshold") is not None else 0.5
+    metrics = report.write_test_report(out, te["labels"], te["probs"], threshold, split)
+    if history:
+        report.plot_training_curves(history, out / "training_curves.png")
+    metrics.update(inference_img_s=te["img_s"], best_epoch=ckpt["epoch"] + 1, checkpoint_args=ckpt["args"])
+    report.write_json(metrics, out / "metrics.json")
+    training = {"best epoch (by val ROC-AUC)": ckpt["epoch"] + 1, "epochs run": len(history or []),
+                "device / precision": f"{device} / {amp or 'fp32'}",
+                "inference speed on this split": f"{te['img_s']:.1f} img/s"} if history else None
+    report.write_summary(out, {"title": f"{ckpt['args']['model']} on {args.data_root}",
+                               "command": "python " + " ".join(sys.argv) if sys.argv else "",
+                               "metrics": metrics, "data": data_story(data), "training": training})
+    m = metrics["at_val_threshold"]
+    print(f"{split}: accuracy {m['accuracy']:.4f}  F1 {m['f1']:.4f}  ROC-AUC {m['roc_auc']:.4f}  "
+          f"EER {m['eer']:.4f} at threshold {threshold:.3f}  ->  {out / 'summary.md'}")
+    return metrics
+
+
+def main(args):
+    engine.seed_everything(args.seed)
+    device = engine.get_device(args.device)
+    out = Path(args.output_dir) / ("evaluation" if args.evaluate_only else "")
+    ckpt = None
+    if args.evaluate_only or args.resume is not None:
+        path = (args.checkpoint or Path(args.output_dir) / "checkpoints" / "best.pt") if args.evaluate_only \
+            else (args.resume or Path(args.output_dir) / "checkpoints" / "last.pt")
+        ckpt = engine.load_checkpoint(path)
+        for key in SPLIT_AND_MODEL_KEYS:  # same split and network as the checkpoint was trained with
+            setattr(args, key, ckpt["args"][key])
+    elif (out / "checkpoints" / "last.pt").exists() and not args.overwrite:
+        sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, "
+                 f"or replace it with --overwrite")
+    if args.evaluate_only and any(out.glob("*")) and not args.overwrite:
+        sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        model = DeepfakeDetector(args.model, "none" if ckpt else args.weights,
+                                 freeze_backbone=args.freeze_backbone)
+        args.image_size = args.image_size or model.input_size
+        data = load_data(args, model)
+    except (WeightsError, dataset.DatasetError) as e:
+        sys.exit(f"error: {e}")
+    model.to(device)
+    if engine.autocast_dtype(device, args.precision) is not None:
+        model.to(memory_format=torch.channels_last)  # conv kernels for bf16/fp16 are fastest in NHWC
+    dataset.write_split_csv(data.samples, out / "split.csv")
+    report.write_json(vars(args), out / "args.json")
+    history = []
+    if not args.evaluate_only:
+        start = time.perf_counter()
+        history = fit(args, model, data, device, out)
+        print(f"trained in {time.perf_counter() - start:.0f} s")
+        ckpt = engine.load_checkpoint(out / "checkpoints" / "best.pt", device)
+    return evaluate_and_report(args, model, ckpt, data, device, out, history)
+
+
+if __name__ == "__main__":
+    main(parse_args())

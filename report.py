@@ -1,0 +1,146 @@
+"""Metrics and the files a grader opens in results/.
+
+Everything here is built from what the loops returned (history rows, labels,
+P(fake) per image); nothing re-runs the model.
+"""
+import csv
+import json
+from pathlib import Path
+
+import matplotlib
+matplotlib.use("Agg")  # write files, never open windows (servers, CI)
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn import metrics as skm
+
+CLASSES = ("real", "fake")
+
+
+def eer_threshold(labels, probs):
+    """Threshold where false-positive and false-negative rates are equal, and that rate (the EER).
+
+    Hand-written: scikit-learn gives the ROC curve but no EER function.
+    """
+    if len(np.unique(labels)) < 2:
+        return 0.5, float("nan")
+    fpr, tpr, thresholds = skm.roc_curve(labels, probs)
+    fnr = 1 - tpr
+    i = int(np.nanargmin(np.abs(fnr - fpr)))
+    return float(np.clip(thresholds[i], 0.0, 1.0)), float((fpr[i] + fnr[i]) / 2)
+
+
+def compute_metrics(labels, probs, threshold=0.5):
+    """Accuracy, precision/recall/F1 of the fake class, ROC-AUC, AP and EER at `threshold`."""
+    preds = (probs >= threshold).astype(int)
+    both = len(np.unique(labels)) == 2  # AUC and EER need both classes present
+    p, r, f1, _ = skm.precision_recall_fscore_support(labels, preds, average="binary", zero_division=0)
+    return {
+        "threshold": float(threshold),
+        "accuracy": float(skm.accuracy_score(labels, preds)),
+        "precision": float(p), "recall": float(r), "f1": float(f1),
+        "roc_auc": float(skm.roc_auc_score(labels, probs)) if both else float("nan"),
+        "average_precision": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
+        "eer": eer_threshold(labels, probs)[1],
+        "n_images": int(len(labels)),
+    }
+
+
+def write_history_csv(history, path):
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+def plot_training_curves(history, path):
+    """Train/val loss and accuracy per epoch, side by side."""
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key in zip(axes, ("loss", "acc")):
+        ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
+        ax.set(xlabel="epoch", ylabel=key, title={"loss": "Cross-entropy loss", "acc": "Accuracy"}[key])
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_confusion_matrix(labels, preds, path, title=""):
+    """Counts and row-normalised rates, side by side."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    for ax, norm, fmt in ((axes[0], None, "d"), (axes[1], "true", ".2f")):
+        skm.ConfusionMatrixDisplay.from_predictions(labels, preds, labels=[0, 1], display_labels=CLASSES,
+                                                    normalize=norm, values_format=fmt, cmap="Blues",
+                                                    ax=ax, colorbar=False)
+        ax.set_title("counts" if norm is None else "normalised by true class")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_roc(labels, probs, path, title=""):
+    """ROC curve with AUC, and the precision-recall curve with AP."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    skm.RocCurveDisplay.from_predictions(labels, probs, name="detector", ax=axes[0], plot_chance_level=True)
+    skm.PrecisionRecallDisplay.from_predictions(labels, probs, name="detector", ax=axes[1],
+                                                plot_chance_level=True)
+    axes[0].set_title("ROC (positive = fake)")
+    axes[1].set_title("Precision-recall (positive = fake)")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_test_report(out, labels, probs, threshold, name="test"):
+    """classification_report.txt, confusion_matrix.png, roc_curve.png; returns metrics at 0.5 and `threshold`."""
+    out = Path(out)
+    at_half, at_thr = compute_metrics(labels, probs, 0.5), compute_metrics(labels, probs, threshold)
+    text = []
+    for m in (at_half, at_thr):
+        preds = (probs >= m["threshold"]).astype(int)
+        text.append(f"{name} split, threshold {m['threshold']:.4f} "
+                    f"({'default' if m is at_half else 'chosen on val at the EER point'})\n"
+                    + skm.classification_report(labels, preds, labels=[0, 1], target_names=CLASSES,
+                                                digits=4, zero_division=0))
+    (out / "classification_report.txt").write_text("\n".join(text))
+    plot_confusion_matrix(labels, (probs >= threshold).astype(int), out / "confusion_matrix.png",
+                          f"{name} split, threshold {threshold:.3f} (n={len(labels)})")
+    if len(np.unique(labels)) == 2:
+        plot_roc(labels, probs, out / "roc_curve.png", f"{name} split (n={len(labels)})")
+    return {"at_0.5": at_half, "at_val_threshold": at_thr}
+
+
+def write_summary(out, info):
+    """summary.md: one page with the numbers, the data story and the pictures inline."""
+    out = Path(out)
+    m, t = info["metrics"]["at_val_threshold"], info["metrics"]["at_0.5"]
+    lines = [f"# Deepfake detector: {info['title']}", ""]
+    lines += [f"Command: `{info['command']}`", ""]
+    lines += ["## Test metrics", "",
+              "| threshold | accuracy | precision | recall | F1 | ROC-AUC | AP | EER |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row, label in ((t, "0.5"), (m, f"{m['threshold']:.3f} (val EER point)")):
+        lines.append(f"| {label} | {row['accuracy']:.4f} | {row['precision']:.4f} | {row['recall']:.4f} | "
+                     f"{row['f1']:.4f} | {row['roc_auc']:.4f} | {row['average_precision']:.4f} | "
+                     f"{row['eer']:.4f} |")
+    lines += ["", "Positive class = fake. Precision/recall/F1 are for the fake class; "
+              "per-class numbers are in [classification_report.txt](classification_report.txt).", ""]
+    lines += ["## Data", ""] + [f"- {k}: {v}" for k, v in info["data"].items()] + [""]
+    if info.get("training"):
+        lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info["training"].items()] + [""]
+    for title, image in (("Training curves", "training_curves.png"), ("Confusion matrix", "confusion_matrix.png"),
+                         ("ROC and precision-recall", "roc_curve.png"), ("Grad-CAM examples", "gradcam_examples.png")):
+        if (out / image).is_file():
+            lines += [f"## {title}", "", f"![{title}]({image})", ""]
+    lines += ["## Files", "", "`metrics.json` (all numbers), `history.csv` (per epoch), `args.json` "
+              "(every flag), `split.csv` (which image went where), `checkpoints/` (last.pt, best.pt).", ""]
+    (out / "summary.md").write_text("\n".join(lines))
+
+
+def write_json(obj, path):
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
