@@ -277,13 +277,14 @@ class DeepfakeDataset(Dataset):
     """Face images and labels (0 real, 1 fake).
 
     Pixels come from the decoded cache (a uint8 memmap, fast) when one is given,
-    else each image is decoded from disk on every access (the plain path).
+    else each image is decoded and resized to `size` on every access (the plain,
+    slow path): the same pixels either way.
     """
 
     classes = CLASSES
 
-    def __init__(self, samples, transform=None, cache=None):
-        self.samples, self.transform, self.cache = samples, transform, cache
+    def __init__(self, samples, transform=None, cache=None, size=256):
+        self.samples, self.transform, self.cache, self.size = samples, transform, cache, size
         self.targets = [s.label for s in samples]
 
     def __len__(self):
@@ -291,10 +292,8 @@ class DeepfakeDataset(Dataset):
 
     def __getitem__(self, i):
         s = self.samples[i]
-        if self.cache is not None:
-            img = torch.from_numpy(np.array(self.cache[s.row])).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
-        else:
-            img = v2.functional.pil_to_tensor(load_rgb(s.path))
+        pixels = np.array(self.cache[s.row]) if self.cache is not None else resize_square(load_rgb(s.path), self.size)
+        img = torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
         if self.transform is not None:
             img = self.transform(img)
         return img, s.label
@@ -344,7 +343,8 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
     tf = {"train": train_transform(image_size, mean, std), "val": eval_transform(image_size, mean, std),
           "test": eval_transform(image_size, mean, std)}
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
-                                       cache if use_cache else None) for split in SPLITS}
+                                       cache if use_cache else None, cache_size_for(image_size))
+                for split in SPLITS}
     return Data(datasets, samples, corrupt, duplicates, dropped,
                 sum(n > 1 for n in sizes.values()), presplit)
 
@@ -374,4 +374,4 @@ def oversample(dataset):
     by_label = {c: [s for s in dataset.samples if s.label == c] for c in set(dataset.targets)}
     most = max(len(v) for v in by_label.values())
     samples = [s for v in by_label.values() for s in (v * (most // len(v) + 1))[:most]]
-    return DeepfakeDataset(samples, dataset.transform, dataset.cache)
+    return DeepfakeDataset(samples, dataset.transform, dataset.cache, dataset.size)

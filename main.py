@@ -194,7 +194,7 @@ def evaluate_and_report(args, model, ckpt, data, device, out, history):
     amp = engine.autocast_dtype(device, args.precision)
     split = "test" if args.eval_split == "test" else "all"
     ds = data.datasets["test"] if split == "test" else dataset.DeepfakeDataset(
-        data.samples, data.datasets["test"].transform, data.datasets["test"].cache)
+        data.samples, data.datasets["test"].transform, data.datasets["test"].cache, data.datasets["test"].size)
     te = engine.evaluate(model, nn.CrossEntropyLoss(), make_loader(ds, args, False), device, amp,
                          amp is not None, desc=split)
     threshold = ckpt["threshold"] if ckpt.get("threshold") is not None else 0.5
