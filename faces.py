@@ -352,7 +352,11 @@ def main(args) -> dict:
         _init_worker(args.detector, min_score)
         results = map(process_source, todo)
     else:
-        pool = mp.Pool(workers, _init_worker, (args.detector, min_score, tqdm.get_lock()))
+        # "spawn", not fork: a forked child of a process that already ran yuface (OpenMP) hangs.
+        ctx = mp.get_context("spawn")
+        lock = ctx.RLock()  # shared by all bars, so lines from two processes do not interleave
+        tqdm.set_lock(lock)
+        pool = ctx.Pool(workers, _init_worker, (args.detector, min_score, lock))
         for i, job in enumerate(todo):
             job["slot"] = 1 + i % workers  # bar lines; two jobs may share one line for a moment
         results = pool.imap_unordered(process_source, todo)
