@@ -100,7 +100,7 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
         hog = dlib.get_frontal_face_detector()  # HOG + linear SVM, no model file needed
 
         def raw(small):  # upsample once: HOG misses faces under ~80 px otherwise
-            rects, scores, _ = hog.run(small, 1, min_score)
+            rects, scores, _ = hog.run(np.ascontiguousarray(small), 1, min_score)
             return [(r.left(), r.top(), r.right() + 1, r.bottom() + 1, s) for r, s in zip(rects, scores)]
     else:
         raise ValueError(f"unknown detector {name!r} (use yunet or dlib)")
@@ -186,12 +186,12 @@ def load_image(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # broken files raise OSError, SyntaxError, struct.error, ...
         raise MediaError(f"{path}: {e}") from e
 
 
-def find_sources(inputs, output: Path) -> tuple[list[Path], list[str]]:
-    """Media files under the inputs (folders recurse) and a list of problems found."""
+def find_sources(inputs, output: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Media files under the inputs (folders recurse) and (path, problem) for bad inputs."""
     sources, problems, out = [], [], output.resolve()
     for given in map(Path, inputs):
         if given.is_dir():
@@ -201,7 +201,7 @@ def find_sources(inputs, output: Path) -> tuple[list[Path], list[str]]:
         elif given.is_file() and (is_video(given) or is_image(given)):
             sources.append(given)
         else:
-            problems.append(f"{given}: {'not found' if not given.exists() else 'not a video or image'}")
+            problems.append((str(given), "not found" if not given.exists() else "not a video or image"))
     unique = list(dict.fromkeys(sources))  # the same file given twice is one source
     return unique, problems
 
@@ -225,7 +225,7 @@ def process_source(job: dict) -> dict:
     if is_video(src):
         frames, bar = sample_frames(src, job["frames"]), tqdm(
             total=job["frames"], desc=Path(src).name[:30], unit="fr", leave=False,
-            position=job.get("slot", 1), disable=job.get("quiet", False))
+            position=job.get("slot", 1))
     else:
         frames, bar = None, None
     tile_every = max(1, job["frames"] // PREVIEW_PER_SOURCE)
@@ -244,9 +244,10 @@ def process_source(job: dict) -> dict:
             res["frames"] += 1
             if bar:
                 bar.update()
-    except MediaError as e:
-        # Unreadable from the start: report it.  A truncated video keeps what was decoded.
-        res["status"], res["error"] = ("partial" if res["frames"] else "unreadable"), str(e)
+    except Exception as e:  # MediaError, or anything odd in one file: report it, go on with the rest
+        msg = str(e) if isinstance(e, MediaError) else f"{src}: {type(e).__name__}: {e}"
+        # Unreadable from the start: nothing kept.  A truncated video keeps what was decoded.
+        res["status"], res["error"] = ("partial" if res["frames"] else "unreadable"), msg
     finally:
         if bar:
             bar.close()
@@ -314,8 +315,10 @@ def unique_stem(path: Path, clashes: set[str], taken: set[str]) -> str:
 def main(args) -> dict:
     out = Path(args.output)
     sources, problems = find_sources(args.input, out)
-    for p in problems:
-        print(f"WARNING: skipping {p}", file=sys.stderr)
+    for path, why in problems:
+        print(f"WARNING: skipping {path}: {why}", file=sys.stderr)
+    if args.frames < 1 or args.size < 1 or args.margin <= 0:
+        raise SystemExit("--frames and --size must be >= 1 and --margin > 0")
     if args.benchmark:
         return benchmark(sources, args.frames)
     out.mkdir(parents=True, exist_ok=True)
@@ -351,7 +354,7 @@ def main(args) -> dict:
     write_csv(paths[2], STATE_COLUMNS, [r for r in state.values() if r["source"] not in redo])
 
     summary = dict(processed=0, skipped=skipped, frames=0, crops=0, no_face_frames=0, no_face_sources=[],
-                   unreadable=[p.split(":")[0] for p in problems], partial=[])
+                   unreadable=[path for path, _ in problems], partial=[])
     tiles = {}
     workers = max(1, min(args.workers, len(todo)))
     if workers == 1:
