@@ -312,6 +312,55 @@ def unique_stem(path: Path, clashes: set[str], taken: set[str]) -> str:
     return candidate
 
 
+def plan_jobs(sources, out: Path, settings: str, args, paths) -> tuple[list[dict], list[str]]:
+    """Jobs for sources not yet done with these settings; forget old results of sources redone.
+
+    Decided from path, size, mtime and settings alone, so done sources cost no decoding.
+    """
+    manifest, no_faces = read_csv(paths[0]), read_csv(paths[1])
+    state = {r["path"]: r for r in read_csv(paths[2])}  # later rows win
+    taken = {r["stem"] for r in state.values()} | {source_stem(r["file"]) for r in manifest}
+    clashes = {stem for stem, n in Counter(p.stem for p in sources).items() if n > 1}
+    todo, skipped, redo = [], [], set()
+    for p in sources:
+        st, key = p.stat(), str(p.resolve())
+        old = state.get(key)
+        if (old and not args.overwrite and old["status"] != "unreadable" and old["settings"] == settings
+                and old["size"] == str(st.st_size) and old["mtime"] == str(st.st_mtime_ns)):
+            skipped.append(str(p))
+            continue
+        if old:  # redo (--overwrite, new settings, changed file): delete its old crops first
+            redo.add(old["source"])
+            for f in out.glob(f"{glob.escape(old['stem'])}_f*_*.jpg"):
+                if (m := CROP_NAME.match(f.name)) and m["stem"] == old["stem"]:
+                    f.unlink()
+        todo.append(dict(source=str(p), path=key, file_size=st.st_size, mtime=st.st_mtime_ns, settings=settings,
+                         stem=old["stem"] if old else unique_stem(p, clashes, taken), output=str(out),
+                         frames=args.frames, margin=args.margin, size=args.size, detector=args.detector,
+                         all_faces=args.all_faces, preview=args.preview))
+    write_csv(paths[0], MANIFEST_COLUMNS, [r for r in manifest if r["source"] not in redo])
+    write_csv(paths[1], NO_FACE_COLUMNS, [r for r in no_faces if r["source"] not in redo])
+    write_csv(paths[2], STATE_COLUMNS, [r for r in state.values() if r["source"] not in redo])
+    return todo, skipped
+
+
+def run_jobs(todo: list[dict], args, min_score: float) -> Iterator[dict]:
+    """Results of process_source, in completion order; a process pool when --workers > 1."""
+    workers = max(1, min(args.workers, len(todo)))
+    if workers == 1:
+        _init_worker(args.detector, min_score)
+        yield from map(process_source, todo)
+        return
+    # "spawn", not fork: a forked child of a process that already ran yuface (OpenMP) hangs.
+    ctx = mp.get_context("spawn")
+    lock = ctx.RLock()  # shared by all progress bars, so lines of two processes do not interleave
+    tqdm.set_lock(lock)
+    for i, job in enumerate(todo):
+        job["slot"] = 1 + i % workers  # bar line of the job; a guess, as jobs finish out of order
+    with ctx.Pool(workers, _init_worker, (args.detector, min_score, lock)) as pool:
+        yield from pool.imap_unordered(process_source, todo)
+
+
 def main(args) -> dict:
     out = Path(args.output)
     sources, problems = find_sources(args.input, out)
@@ -326,56 +375,20 @@ def main(args) -> dict:
     settings = (f"frames={args.frames} margin={args.margin} size={args.size} detector={args.detector} "
                 f"all_faces={int(args.all_faces)} min_score={min_score}")
     paths = [out / "manifest.csv", out / "no_faces.csv", out / "sources.csv"]
-    manifest, no_faces = read_csv(paths[0]), read_csv(paths[1])
-    state = {r["path"]: r for r in read_csv(paths[2])}  # later rows win
-    taken = {r["stem"] for r in state.values()} | {source_stem(r["file"]) for r in manifest}
-
-    # Decide what to do from file size, mtime and settings alone: done sources cost no decoding.
-    todo, skipped, redo = [], [], set()
-    clashes = {stem for stem, n in Counter(p.stem for p in sources).items() if n > 1}
-    for p in sources:
-        st, key = p.stat(), str(p.resolve())
-        old = state.get(key)
-        if (old and not args.overwrite and old["status"] != "unreadable" and old["settings"] == settings
-                and old["size"] == str(st.st_size) and old["mtime"] == str(st.st_mtime_ns)):
-            skipped.append(str(p))
-            continue
-        if old:  # reprocess: forget the old crops of this source first
-            redo.add(old["source"])
-            for f in out.glob(f"{glob.escape(old['stem'])}_f*_*.jpg"):
-                if (m := CROP_NAME.match(f.name)) and m["stem"] == old["stem"]:
-                    f.unlink()
-        stem = old["stem"] if old else unique_stem(p, clashes, taken)
-        todo.append(dict(source=str(p), path=key, file_size=st.st_size, mtime=st.st_mtime_ns, settings=settings,
-                         stem=stem, output=str(out), frames=args.frames, margin=args.margin, size=args.size,
-                         detector=args.detector, all_faces=args.all_faces, preview=args.preview))
-    write_csv(paths[0], MANIFEST_COLUMNS, [r for r in manifest if r["source"] not in redo])
-    write_csv(paths[1], NO_FACE_COLUMNS, [r for r in no_faces if r["source"] not in redo])
-    write_csv(paths[2], STATE_COLUMNS, [r for r in state.values() if r["source"] not in redo])
+    todo, skipped = plan_jobs(sources, out, settings, args, paths)
 
     summary = dict(processed=0, skipped=skipped, frames=0, crops=0, no_face_frames=0, no_face_sources=[],
                    unreadable=[path for path, _ in problems], partial=[])
     tiles = {}
-    workers = max(1, min(args.workers, len(todo)))
-    if workers == 1:
-        _init_worker(args.detector, min_score)
-        results = map(process_source, todo)
-    else:
-        # "spawn", not fork: a forked child of a process that already ran yuface (OpenMP) hangs.
-        ctx = mp.get_context("spawn")
-        lock = ctx.RLock()  # shared by all bars, so lines from two processes do not interleave
-        tqdm.set_lock(lock)
-        pool = ctx.Pool(workers, _init_worker, (args.detector, min_score, lock))
-        for i, job in enumerate(todo):
-            job["slot"] = 1 + i % workers  # bar lines; two jobs may share one line for a moment
-        results = pool.imap_unordered(process_source, todo)
-    overall = tqdm(results, total=len(todo), desc="sources", unit="src", position=0, disable=not todo)
-    for res in overall:
+    for res in tqdm(run_jobs(todo, args, min_score), total=len(todo), desc="sources", unit="src",
+                    position=0, disable=not todo):
         src = res["source"]
         if res["error"]:
             tqdm.write(f"WARNING: {res['error']}" + (" (kept frames decoded before)" if res["frames"] else ""),
                        file=sys.stderr)
-        write_csv(paths[0], MANIFEST_COLUMNS, res["rows"], append=True)  # only the parent writes CSVs
+        # Only this process writes the CSVs, one source at a time: no garbled rows, and an
+        # interrupted run keeps the record of every source finished so far.
+        write_csv(paths[0], MANIFEST_COLUMNS, res["rows"], append=True)
         missing = [dict(source=src, frame=i, reason="no_face") for i in res["no_face"]]
         if res["status"] == "unreadable":
             missing.append(dict(source=src, frame="", reason=f"unreadable: {res['error']}"))
@@ -393,14 +406,12 @@ def main(args) -> dict:
         if res["status"] == "partial":
             summary["partial"].append(src)
         tiles[src] = res["tiles"]
-    overall.close()
-    if workers > 1:
-        pool.close()
-        pool.join()
-    preview = args.preview and any(tiles.values())  # only sources processed in this run
+
+    preview = args.preview and any(tiles.values())  # covers the sources processed in this run
     if preview:
-        # Round-robin over sources so every source shows up before the tile cap is reached.
-        picked = [t for i in range(PREVIEW_PER_SOURCE) for ts in tiles.values() if i < len(ts) for t in ts[i:i + 1]]
+        picked = []  # round-robin over sources, so every source shows before the tile cap
+        for i in range(PREVIEW_PER_SOURCE):
+            picked += [ts[i] for ts in tiles.values() if i < len(ts)]
         save_preview(picked[:PREVIEW_TILES], out / "preview.png")
     print(f"\nsources processed {summary['processed']}, skipped (already done) {len(skipped)}, "
           f"frames read {summary['frames']}, crops written {summary['crops']}, "
