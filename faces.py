@@ -425,26 +425,33 @@ def main(args) -> dict:
 
 
 def benchmark(sources, n_frames) -> dict:
-    """Detection frames/s per detector and clip, on frames sampled as in a normal run."""
+    """Print ms/frame of decoding and of each detector per clip, on frames sampled as in a run."""
     detectors = {name: load_detector(name) for name in ("yunet", "dlib")}
-    table = {}
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one process; detection only")
-    print(f"{'clip':32} {'size':>9} {'frames':>6} {'detector':>8} {'faces/fr':>8} {'ms/frame':>8} {'frames/s':>8}")
+    totals = {name: [0, 0.0] for name in ["decode", *detectors]}  # frames, seconds
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one process")
+    print(f"{'clip':28} {'size':>9} {'frames':>6} {'step':>7} {'faces/fr':>8} {'ms/frame':>8} {'frames/s':>8}")
+
+    def row(clip, size, n, step, faces, seconds):
+        totals[step][0] += n
+        totals[step][1] += seconds
+        print(f"{clip[:28]:28} {size:>9} {n:>6} {step:>7} {faces:>8} {1000 * seconds / n:8.1f} {n / seconds:8.1f}")
     for src in sources:
+        start = time.perf_counter()
         try:
             frames = [rgb for _, rgb in sample_frames(src, n_frames)] if is_video(src) else [load_image(src)]
         except MediaError as e:
             print(f"WARNING: {e}", file=sys.stderr)
             continue
+        size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
+        row(src.name, size, len(frames), "decode", "", time.perf_counter() - start)
         for name, detect in detectors.items():
             start = time.perf_counter()
             faces = sum(len(detect(rgb)) for rgb in frames)
-            per = (time.perf_counter() - start) / len(frames)
-            table[(str(src), name)] = 1 / per
-            h, w = frames[0].shape[:2]
-            print(f"{src.name[:32]:32} {f'{w}x{h}':>9} {len(frames):>6} {name:>8} {faces / len(frames):8.2f} "
-                  f"{per * 1000:8.1f} {1 / per:8.1f}")
-    return table
+            row(src.name, size, len(frames), name, f"{faces / len(frames):.2f}", time.perf_counter() - start)
+    for step, (n, seconds) in totals.items():
+        if n:
+            print(f"{'ALL':28} {'':>9} {n:>6} {step:>7} {'':>8} {1000 * seconds / n:8.1f} {n / seconds:8.1f}")
+    return {step: n / seconds for step, (n, seconds) in totals.items() if n}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
