@@ -455,25 +455,32 @@ def benchmark(sources, n_frames) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Crop faces from videos and photos into a training folder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Crop faces from videos and photos into a training folder.")
     p.add_argument("--input", nargs="+", required=True,
-                   help="video files, image files or folders of them (folders are searched recursively)")
-    p.add_argument("--output", required=True, help="folder for the crops, manifest.csv and no_faces.csv")
-    p.add_argument("--frames", type=int, default=32, help="frames sampled evenly per video (all if shorter)")
-    p.add_argument("--margin", type=float, default=1.3, help="crop side = margin x larger face-box side (FF++)")
-    p.add_argument("--size", type=int, default=256, help="side in pixels of the saved square crops")
+                   help="required: video files, image files or folders of them (folders are searched recursively)")
+    p.add_argument("--output", required=True,
+                   help="required: folder for the crops, manifest.csv, no_faces.csv and sources.csv")
+    p.add_argument("--frames", type=int, default=32,
+                   help="frames sampled evenly per video; every frame if the video is shorter (default: 32)")
+    p.add_argument("--margin", type=float, default=1.3,
+                   help="crop side = margin x the larger side of the face box, as in FaceForensics++ (default: 1.3)")
+    p.add_argument("--size", type=int, default=256, help="side in pixels of the saved square crops (default: 256)")
     p.add_argument("--detector", choices=["yunet", "dlib"], default="yunet",
-                   help="yunet (CNN, fast, accurate) or dlib (HOG, frontal faces only)")
-    p.add_argument("--all_faces", action="store_true", help="save every face per frame, not only the largest")
+                   help="yunet: small CNN, fast, finds turned faces; dlib: HOG, frontal faces only (default: yunet)")
+    p.add_argument("--all_faces", action="store_true",
+                   help="save every face of a frame, not only the largest (default: off)")
     p.add_argument("--min_score", type=float, default=None,
-                   help="drop detections below this score; default 0.6 for yunet (0-1), 0.0 for dlib (SVM margin)")
-    p.add_argument("--overwrite", action="store_true", help="redo sources already in the output folder")
-    p.add_argument("--preview", action="store_true", help="write preview.png: sampled frames with boxes and crops")
+                   help="drop detections scoring lower; yunet scores are 0-1, dlib scores are SVM margins "
+                        "(default: 0.6 for yunet, 0.0 for dlib)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo sources already done in --output instead of skipping them (default: off)")
+    p.add_argument("--preview", action="store_true",
+                   help="write preview.png, sampled frames with crop squares next to the crops (default: off)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes working on different sources at once")
+                   help="processes working on different sources at once; 1 runs inline "
+                        "(default: min(2, CPU cores))")
     p.add_argument("--benchmark", action="store_true",
-                   help="only print detection frames/s of yunet and dlib on the inputs; writes nothing")
+                   help="only print ms/frame of decoding, yunet and dlib on the inputs; writes nothing (default: off)")
     return p
 
 
