@@ -122,13 +122,20 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
     return detect
 
 
-def crop_square(box: Box, margin: float = 1.3) -> tuple[int, int, int, int]:
-    """Square of side margin * max(w, h) centred on the box (may reach outside the image)."""
+def crop_square(box: Box, width: int, height: int, margin: float = 1.3) -> tuple[int, int, int, int]:
+    """Square of side margin * max(box w, h) around the box centre, moved to lie inside the image.
+
+    Where the square would leave the image we shift it inside (and shrink it to the image if it
+    is larger) instead of padding with black or repeated edge pixels.  Padding is made-up
+    content, and it would show up mostly in one kind of source (tightly framed photo sets such
+    as faces140k), which a real/fake classifier could learn as a shortcut.  The price: a face
+    at the border sits a little off-centre in its crop.
+    """
     x0, y0, x1, y1 = box[:4]
-    side = margin * max(x1 - x0, y1 - y0)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = round(cx - side / 2), round(cy - side / 2)
-    return left, top, left + round(side), top + round(side)
+    side = min(round(margin * max(x1 - x0, y1 - y0)), width, height)
+    left = min(max(round((x0 + x1 - side) / 2), 0), width - side)
+    top = min(max(round((y0 + y1 - side) / 2), 0), height - side)
+    return left, top, left + side, top + side
 
 
 def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
@@ -136,10 +143,7 @@ def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
     """Square face crops resized to size x size, largest face first."""
     boxes = sorted(detector(rgb), key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
     image = Image.fromarray(rgb)
-    # Where the square leaves the image, PIL's crop pads with black.  We pad rather than
-    # shift the square inside, so every face is centred at the same scale: a shifted crop
-    # would teach the classifier that faces near the border sit off-centre.
-    return [(image.crop(crop_square(b, margin)).resize((size, size), Image.BICUBIC), b)
+    return [(image.crop(crop_square(b, image.width, image.height, margin)).resize((size, size), Image.BICUBIC), b)
             for b in (boxes if all_faces else boxes[:1])]
 
 
@@ -259,18 +263,18 @@ def process_source(job: dict) -> dict:
 def _tile(rgb, crops, margin, label, h=160) -> Image.Image:
     """Preview tile: the frame with crop squares drawn, the largest crop beside it, a label."""
     frame = Image.fromarray(rgb)
-    s = h / frame.height
-    frame = frame.resize((min(round(frame.width * s), 2 * h), h))
-    sx = frame.width / rgb.shape[1]
+    fw, fh = frame.size
+    frame = frame.resize((min(round(fw * h / fh), 2 * h), h))  # very wide frames get squeezed
+    sx, sy = frame.width / fw, h / fh
+    draw = ImageDraw.Draw(frame)
+    for i, (_, box) in enumerate(crops):
+        x0, y0, x1, y1 = crop_square(box, fw, fh, margin)
+        draw.rectangle([x0 * sx, y0 * sy, x1 * sx, y1 * sy], outline="lime" if i == 0 else "yellow", width=2)
     tile = Image.new("RGB", (frame.width + h, h + 18), "white")
     tile.paste(frame, (0, 0))
-    draw = ImageDraw.Draw(tile)
-    for i, (_, box) in enumerate(crops):
-        draw.rectangle([v * (sx if k % 2 == 0 else s) for k, v in enumerate(crop_square(box, margin))],
-                       outline="lime" if i == 0 else "yellow", width=2)
     if crops:
         tile.paste(crops[0][0].resize((h, h)), (frame.width, 0))
-    draw.text((2, h + 2), label + ("" if crops else "  NO FACE"), fill="black" if crops else "red",
+    ImageDraw.Draw(tile).text((2, h + 2), label + ("" if crops else "  NO FACE"), fill="black" if crops else "red",
               font=ImageFont.load_default(size=13))
     return tile
 

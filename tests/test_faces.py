@@ -118,10 +118,18 @@ def test_crop_faces_box_inside_face_and_largest_first():
     assert 500 <= b0[0] < b0[2] <= 756 and 50 <= b0[1] < b0[3] <= 306  # box on the big face
     assert 100 <= b1[0] < b1[2] <= 228 and 400 <= b1[1] < b1[3] <= 528
     assert len(faces.crop_faces(rgb, det)) == 1  # default: the largest face only
-    # a face cut by the image border still gives a full-size crop (padded, not shifted)
-    edge = np.ascontiguousarray(rgb[30:330, 480:760])
+    # a face at the image border: the square is shifted inside, so no black padding appears
+    edge = np.ascontiguousarray(rgb[0:400, 560:900])  # face cut at the left: ideal square starts at x<-60
     [(img, box)] = faces.crop_faces(edge, det, size=100)
     assert img.size == (100, 100) and 0 <= box[0] and box[2] <= edge.shape[1]
+    crop = np.asarray(img).astype(float)
+    assert crop.mean(axis=(1, 2)).min() > 20 and crop.mean(axis=(0, 2)).min() > 20
+
+
+def test_crop_square_stays_inside_the_image():
+    assert faces.crop_square((40, 40, 60, 60, 1.0), 100, 100, margin=2) == (30, 30, 70, 70)  # centred
+    assert faces.crop_square((0, 10, 20, 30, 1.0), 100, 100, margin=2) == (0, 0, 40, 40)  # shifted in
+    assert faces.crop_square((0, 0, 80, 60, 1.0), 100, 60, margin=1.3) == (10, 0, 70, 60)  # shrunk to fit
 
 
 def test_detector_boxes_map_to_full_resolution():
