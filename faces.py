@@ -21,7 +21,7 @@ Outputs in --output:
                    of one `source` in the same train/val/test split.
     no_faces.csv   source,frame,reason for every frame without a face and every unreadable file
     sources.csv    what was processed with which settings, so a re-run skips it
-    preview.png    (--preview) sampled frames with boxes, next to the crop taken
+    preview.png    (--preview) sampled frames with the crop squares drawn, next to the crop taken
 """
 import argparse
 import csv
@@ -226,12 +226,9 @@ def process_source(job: dict) -> dict:
     """Crop faces from one video or photo; write the JPEGs, return rows for the CSVs."""
     src, stem, out = job["source"], job["stem"], Path(job["output"])
     res = dict(job, status="ok", frames=0, rows=[], no_face=[], error=None, tiles=[])
-    if is_video(src):
-        frames, bar = sample_frames(src, job["frames"]), tqdm(
-            total=job["frames"], desc=Path(src).name[:30], unit="fr", leave=False,
-            position=job.get("slot", 1))
-    else:
-        frames, bar = None, None
+    frames = sample_frames(src, job["frames"]) if is_video(src) else None
+    bar = None if frames is None else tqdm(total=job["frames"], desc=Path(src).name[:30], unit="fr",
+                                           leave=False, position=job.get("slot", 1))
     tile_every = max(1, job["frames"] // PREVIEW_PER_SOURCE)
     try:
         for index, rgb in frames if frames is not None else [(0, load_image(src))]:
@@ -248,10 +245,10 @@ def process_source(job: dict) -> dict:
             res["frames"] += 1
             if bar:
                 bar.update()
-    except Exception as e:  # MediaError, or anything odd in one file: report it, go on with the rest
-        msg = str(e) if isinstance(e, MediaError) else f"{src}: {type(e).__name__}: {e}"
-        # Unreadable from the start: nothing kept.  A truncated video keeps what was decoded.
-        res["status"], res["error"] = ("partial" if res["frames"] else "unreadable"), msg
+    except MediaError as e:  # unreadable from the start, or a truncated video: keep what was decoded
+        res["status"], res["error"] = ("partial" if res["frames"] else "unreadable"), str(e)
+    except Exception as e:  # anything else odd in one file: report it, go on; a re-run retries it
+        res["status"], res["error"] = "unreadable", f"{src}: {type(e).__name__}: {e}"
     finally:
         if bar:
             bar.close()
@@ -398,12 +395,12 @@ def main(args) -> dict:
             missing.append(dict(source=src, frame="", reason=f"unreadable: {res['error']}"))
         write_csv(paths[1], NO_FACE_COLUMNS, missing, append=True)
         write_csv(paths[2], STATE_COLUMNS, [dict(res, size=res["file_size"], crops=len(res["rows"]))], append=True)
+        summary["frames"] += res["frames"]
+        summary["crops"] += len(res["rows"])
         if res["status"] == "unreadable":
             summary["unreadable"].append(src)
             continue
         summary["processed"] += 1
-        summary["frames"] += res["frames"]
-        summary["crops"] += len(res["rows"])
         summary["no_face_frames"] += len(res["no_face"])
         if res["status"] == "noface":
             summary["no_face_sources"].append(src)

@@ -254,3 +254,17 @@ def test_output_folder_inside_input_folder_is_not_read_back(media, tmp_path):
     assert first["processed"] == 1 and not first["unreadable"]
     again = run([tmp_path], tmp_path / "crops", "--frames", "2")  # crops must not become sources
     assert again["processed"] == 0 and len(again["skipped"]) == 1
+
+
+def test_unexpected_error_in_one_file_is_reported_and_retried(media, tmp_path, monkeypatch, capsys):
+    def weird(path):
+        raise RuntimeError("odd decoder state")
+    monkeypatch.setattr(faces, "load_image", weird)
+    out = tmp_path / "out"
+    s = run([media / "photo.jpg", media / "face.mp4"], out, "--frames", "2")
+    assert s["processed"] == 1 and s["unreadable"] == [str(media / "photo.jpg")]
+    assert "RuntimeError: odd decoder state" in capsys.readouterr().err
+    monkeypatch.undo()
+    again = run([media / "photo.jpg", media / "face.mp4"], out, "--frames", "2")
+    assert again["processed"] == 1 and again["skipped"] == [str(media / "face.mp4")]
+    assert "photo_f0000_0.jpg" in {r["file"] for r in manifest(out)}
