@@ -176,9 +176,13 @@ def sample_frames(video_path, n_frames: int = 32) -> Iterator[tuple[int, np.ndar
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted_set:  # convert only the kept frames: the costly step
                     got += 1
-                    yield index, frame.to_ndarray(format="rgb24")
+                    rgb = frame.to_ndarray(format="rgb24")
+                    # Phone videos store "turn by 90" in a display matrix; upright faces detect best.
+                    # rotation = degrees counterclockwise to display; np.rot90 turns counterclockwise.
+                    yield index, np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90))) \
+                        if frame.rotation else rgb
                 if index >= last:
-                    break  # an estimated total may be too high: we simply yield fewer frames
+                    break  # a wrong estimated total means a few frames more or fewer: accepted
             if got == 0:
                 raise MediaError(f"{video_path}: no decodable frames")
     except av.FFmpegError as e:  # includes InvalidDataError for random bytes / truncation
