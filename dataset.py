@@ -59,7 +59,9 @@ class Sample:
 # ---------------------------------------------------------------- finding files
 
 def _images_in(folder):
-    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    """Image files under folder, minus faces.py's contact sheet (preview.png beside a manifest.csv)."""
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS and p.is_file()
+                  and not (p.name == "preview.png" and (p.parent / "manifest.csv").is_file()))
 
 
 def _class_samples(folder, split=""):
@@ -208,9 +210,10 @@ def split_groups(samples, val_fraction, test_fraction, seed):
     """Stratified, seeded split that never puts one group in two splits.
 
     Hand-written because scikit-learn has no train/val/test splitter that is
-    both stratified and grouped with given fractions. Groups are shuffled per
-    class (the group's majority label), then test and val are filled up to
-    their share of that class and the rest goes to train.
+    both stratified and grouped with given fractions. Per class (a group's
+    majority label), groups are shuffled, then placed largest first, each into
+    the split furthest below its target share: exact fractions for single
+    images, and a fair packing when a few videos hold many frames.
     """
     groups = {}
     for s in samples:
@@ -220,15 +223,16 @@ def split_groups(samples, val_fraction, test_fraction, seed):
         members = sorted((g for g, m in groups.items()
                           if Counter(s.label for s in m).most_common(1)[0][0] == label))
         rng.shuffle(members)
+        members.sort(key=lambda g: -len(groups[g]))  # stable: equal sizes keep their shuffled order
         total = sum(len(groups[g]) for g in members)
-        # cumulative bounds: the first test_fraction of the shuffled groups go to test, then val
-        bounds = [("test", test_fraction * total), ("val", (test_fraction + val_fraction) * total)]
-        filled = 0
+        target = {"train": (1 - val_fraction - test_fraction) * total, "val": val_fraction * total,
+                  "test": test_fraction * total}
+        filled = dict.fromkeys(target, 0)
         for g in members:
-            split = next((name for name, upto in bounds if filled < upto), "train")
+            split = max(target, key=lambda k: target[k] - filled[k])
             for s in groups[g]:
                 s.split = split
-            filled += len(groups[g])
+            filled[split] += len(groups[g])
 
 
 def drop_cross_split_copies(samples):

@@ -110,6 +110,12 @@ def make_loader(ds, args, train):
 def load_data(args, model):
     data = dataset.prepare_data(args.data_root, args.image_size, model.mean, model.std, args.val_fraction,
                                 args.test_fraction, args.seed, args.max_per_class, args.cache_dir, args.workers)
+    for split, ds in data.datasets.items():
+        if len(ds) == 0:
+            raise dataset.DatasetError(
+                f"{args.data_root}: the {split} split is empty: {len({s.group for s in data.samples})} groups "
+                f"(videos, duplicate sets, single images) are too few for --val_fraction {args.val_fraction} "
+                f"and --test_fraction {args.test_fraction}; add images or change the fractions")
     if args.balance == "oversample":
         data.datasets["train"] = dataset.oversample(data.datasets["train"])
     return data

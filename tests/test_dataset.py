@@ -172,3 +172,11 @@ def test_bad_layouts_name_the_path(tmp_path, case):
     with pytest.raises(dataset.DatasetError) as e:
         prepare(root, tmp_path)
     assert str(root) in str(e.value) and "real_data" in str(e.value)
+
+
+def test_faces_py_output_folder_trains_without_its_preview_sheet(pool, tmp_path):
+    fake = pool / "fake_data"
+    (fake / "manifest.csv").write_text("file,source,frame,face,x0,y0,x1,y1,score,detector\n")
+    Image.new("RGB", (50, 50)).save(fake / "preview.png")
+    data = prepare(pool, tmp_path)
+    assert len(data.samples) == 100 and not any(s.path.endswith("preview.png") for s in data.samples)
