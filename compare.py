@@ -71,19 +71,24 @@ def run_model(name, argv, out):
         why = last_message((folder / "train.log").read_text(errors="replace"))
         print(f"   failed (exit code {rc}): {why}")
         return {"model": name, "error": f"exit code {rc}: {why}"}
+    row = read_row(name, folder)
+    print(f"   accuracy {row['accuracy']:.4f}  F1 {row['f1']:.4f}  ROC-AUC {row['roc_auc']:.4f}  "
+          f"{row['train_s']:.0f} s  {row['infer_img_s']:.1f} img/s  {row['memory_mib']:.0f} MiB")
+    return row
+
+
+def read_row(name, folder):
+    """One table row from the files a finished run left in its folder."""
     metrics = json.loads((folder / "metrics.json").read_text())
     memory = json.loads((folder / "memory.json").read_text())
     with open(folder / "history.csv", newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
     m = metrics["at_val_threshold"]
-    row = {"model": name, "accuracy": m["accuracy"], "f1": m["f1"], "roc_auc": m["roc_auc"],
-           "params_m": count_parameters(name, metrics["checkpoint_args"]["image_size"]) / 1e6,
-           "train_s": train_s, "infer_img_s": metrics["inference_img_s"],
-           "memory_mib": memory.get("cuda_peak_mib", memory["peak_rss_mib"] - memory["baseline_rss_mib"]),
-           "split_sha1": hashlib.sha1((folder / "split.csv").read_bytes()).hexdigest()}
-    print(f"   accuracy {row['accuracy']:.4f}  F1 {row['f1']:.4f}  ROC-AUC {row['roc_auc']:.4f}  "
-          f"{row['train_s']:.0f} s  {row['infer_img_s']:.1f} img/s  {row['memory_mib']:.0f} MiB")
-    return row
+    return {"model": name, "accuracy": m["accuracy"], "f1": m["f1"], "roc_auc": m["roc_auc"],
+            "params_m": count_parameters(name, metrics["checkpoint_args"]["image_size"]) / 1e6,
+            "train_s": train_s, "infer_img_s": metrics["inference_img_s"],
+            "memory_mib": memory.get("cuda_peak_mib", memory["peak_rss_mib"] - memory["baseline_rss_mib"]),
+            "split_sha1": hashlib.sha1((folder / "split.csv").read_bytes()).hexdigest()}
 
 
 def write_markdown(rows, path, command, memory_note):
@@ -116,13 +121,13 @@ def plot(rows, path):
     fig, axes = plt.subplots(1, 4, figsize=(4.2 * 4, 4.4))
     for i, (key, label) in enumerate((("accuracy", "accuracy"), ("f1", "F1"), ("roc_auc", "ROC-AUC"))):
         axes[0].bar([xi + (i - 1) * 0.27 for xi in x], get(key), 0.27, label=label)
-    axes[0].set(title="test quality (higher is better)", ylim=(0, 1.05))
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].set(title="test quality (higher is better)", ylim=(0, 1.2), yticks=[0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    axes[0].legend(loc="upper center", ncols=3, fontsize=8)
     for ax, key, title in ((axes[1], "train_s", "training time, s (lower is better)"),
                            (axes[2], "infer_img_s", "inference, images/s (higher is better)"),
                            (axes[3], "memory_mib", "peak memory, MiB (lower is better)")):
         bars = ax.bar(x, get(key), color="tab:gray")
-        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.bar_label(bars, fmt="%.3g", fontsize=8)
         ax.set_title(title)
     for ax in axes:
         ax.set_xticks(list(x), names, fontsize=8)
