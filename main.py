@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader
 
 import dataset
 import engine
+import features
 import report
-from model import MODELS, DeepfakeDetector, WeightsError
+from model import MODELS, DeepfakeDetector, WeightsError, input_size
 
 # flags that define the data split and the network: a resumed or re-evaluated
 # run takes these from the checkpoint, so its test split is the one trained for
 SPLIT_AND_MODEL_KEYS = ("val_fraction", "test_fraction", "seed", "max_per_class", "image_size", "model",
-                        "freeze_backbone")
+                        "freeze_backbone", "unfreeze_at", "backbone_lr_scale", "augment")
 
 
 def _positive(cast):
@@ -58,8 +59,12 @@ def get_args_parser():
     g.add_argument("--balance", choices=["none", "sampler", "oversample"], default="none",
                    help="balance classes in the training split only: weighted sampler or repeated "
                    "minority images (default: none)")
+    g.add_argument("--augment", choices=["default", "none"], default="default",
+                   help="training augmentation: default (crop, flip, colour, JPEG) or none (eval transform); "
+                   "none with a frozen backbone trains the head on cached features (default: default)")
     g.add_argument("--image_size", type=_positive(int), default=None,
-                   help="input size in pixels (default: the model's, 224 for resnet18)")
+                   help="input size in pixels (default: the model's ImageNet size: 224, 384 for "
+                   "efficientnet_v2_s)")
     g.add_argument("--cache_dir", default="cache", help="decoded-image cache; delete it any time (default: cache)")
     g.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
                    help="data-loading processes (default: min(2, CPU count))")
@@ -67,7 +72,13 @@ def get_args_parser():
     g.add_argument("--model", default="resnet18", choices=sorted(MODELS), help="backbone (default: resnet18)")
     g.add_argument("--weights", default="imagenet", help="imagenet (torchvision download), none (random init), "
                    "or PATH to a backbone state_dict file (default: imagenet)")
-    g.add_argument("--freeze_backbone", action="store_true", help="train the two-class head only")
+    g.add_argument("--freeze_backbone", action="store_true", help="train the two-class head only (default: off)")
+    g.add_argument("--unfreeze_at", type=_positive(int), default=None, metavar="EPOCH",
+                   help="train the head only for epochs 1..EPOCH-1, then everything from EPOCH on "
+                   "(default: off)")
+    g.add_argument("--backbone_lr_scale", type=float, default=None, metavar="SCALE",
+                   help="backbone learning rate = lr * SCALE, the head keeps lr (default: 0.1 with "
+                   "--unfreeze_at, else 1.0)")
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=_positive(int), default=10, help="number of epochs (default: 10)")
     g.add_argument("--batch_size", type=_positive(int), default=16, help="images per batch (default: 16)")
@@ -97,6 +108,8 @@ def parse_args(argv=None):
     if args.val_fraction + args.test_fraction >= 1:
         parser.error(f"--val_fraction + --test_fraction must leave images to train on "
                      f"(got {args.val_fraction} + {args.test_fraction})")
+    if args.backbone_lr_scale is None:  # fine-tuning after a head-only warm-up: move the backbone gently
+        args.backbone_lr_scale = 0.1 if args.unfreeze_at else 1.0
     return args
 
 
@@ -116,6 +129,8 @@ def load_data(args, model):
                 f"{args.data_root}: the {split} split is empty: {len({s.group for s in data.samples})} groups "
                 f"(videos, duplicate sets, single images) are too few for --val_fraction {args.val_fraction} "
                 f"and --test_fraction {args.test_fraction}; add images or change the fractions")
+    if args.augment == "none":
+        data.datasets["train"].transform = data.datasets["val"].transform
     if args.balance == "oversample":
         data.datasets["train"] = dataset.oversample(data.datasets["train"])
     return data
@@ -137,13 +152,22 @@ def data_story(data):
     return story
 
 
+def backbone_frozen_in(args, epoch):
+    """Is the backbone frozen in (0-based) `epoch`? --unfreeze_at counts epochs from 1, as printed."""
+    if args.unfreeze_at:
+        return epoch + 1 < args.unfreeze_at
+    return args.freeze_backbone
+
+
 def fit(args, model, data, device, out):
     """The training loop: one epoch, validate, checkpoint; returns the history rows."""
     amp = engine.autocast_dtype(device, args.precision)
     loaders = {"train": make_loader(data.datasets["train"], args, True),
                "val": make_loader(data.datasets["val"], args, False)}
     criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+    # two groups (backbone, head) holding every parameter from the start, frozen or not, so the
+    # optimizer's state_dict keeps its shape across --unfreeze_at and --resume; the scheduler scales both
+    optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.backbone_lr_scale), lr=args.lr,
                                   weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
@@ -160,22 +184,31 @@ def fit(args, model, data, device, out):
         "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "epoch": epoch, "best_auc": best_auc, "history": history, "args": vars(args), "threshold": threshold,
         "classes": list(dataset.CLASSES)}
-    epoch = start_epoch
+    epoch, cached = start_epoch, None
     try:
         for epoch in range(start_epoch, args.epochs):
+            start = time.perf_counter()
+            frozen = backbone_frozen_in(args, epoch)  # set per epoch, so a resumed run gets it right too
+            model.freeze_backbone(frozen)
+            net, epoch_loaders, channels_last = model, loaders, amp is not None
+            if frozen and args.augment == "none":  # same images, same fixed backbone: features once
+                cached = cached or features.feature_loaders(model.backbone, loaders, device, amp, channels_last)
+                net, epoch_loaders, channels_last = model.head, cached, False
             # batches and augmentation depend on (seed, epoch) only, so resuming replays them exactly
             torch.manual_seed(args.seed + epoch)
-            tr = engine.train_one_epoch(model, criterion, optimizer, loaders["train"], device, epoch,
-                                        amp, scaler, channels_last=amp is not None,
+            tr = engine.train_one_epoch(net, criterion, optimizer, epoch_loaders["train"], device, epoch,
+                                        amp, scaler, channels_last=channels_last,
                                         desc=f"epoch {epoch + 1}/{args.epochs} train")
-            va = engine.evaluate(model, criterion, loaders["val"], device, amp, amp is not None, desc="val")
+            va = engine.evaluate(net, criterion, epoch_loaders["val"], device, amp, channels_last, desc="val")
             scheduler.step()
             val_m = report.compute_metrics(va["labels"], va["probs"])
             threshold = report.eer_threshold(va["labels"], va["probs"])[0]
             score = va["acc"] if math.isnan(val_m["roc_auc"]) else val_m["roc_auc"]  # AUC needs both classes
             history.append({"epoch": epoch + 1, "train_loss": tr["loss"], "train_acc": tr["acc"],
                             "val_loss": va["loss"], "val_acc": va["acc"], "val_auc": val_m["roc_auc"],
-                            "lr": optimizer.param_groups[0]["lr"], "train_img_s": tr["img_s"]})
+                            "lr": optimizer.param_groups[1]["lr"], "backbone_lr": optimizer.param_groups[0]["lr"],
+                            "backbone_frozen": frozen, "train_img_s": tr["img_s"],
+                            "epoch_s": time.perf_counter() - start})
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {tr['loss']:.4f} acc {tr['acc']:.4f} "
                   f"({tr['img_s']:.1f} img/s) | val loss {va['loss']:.4f} acc {va['acc']:.4f} "
                   f"AUC {val_m['roc_auc']:.4f}")
@@ -231,7 +264,7 @@ def main(args):
             else (args.resume or Path(args.output_dir) / "checkpoints" / "last.pt")
         ckpt = engine.load_checkpoint(path)
         for key in SPLIT_AND_MODEL_KEYS:  # same split and network as the checkpoint was trained with
-            setattr(args, key, ckpt["args"][key])
+            setattr(args, key, ckpt["args"].get(key, getattr(args, key)))  # .get: older checkpoints
     elif (out / "checkpoints" / "last.pt").exists() and not args.overwrite:
         sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, "
                  f"or replace it with --overwrite")
@@ -239,11 +272,11 @@ def main(args):
         sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
     try:
+        args.image_size = args.image_size or input_size(args.model)
         model = DeepfakeDetector(args.model, "none" if ckpt else args.weights,
-                                 freeze_backbone=args.freeze_backbone)
-        args.image_size = args.image_size or model.input_size
+                                 freeze_backbone=args.freeze_backbone, image_size=args.image_size)
         data = load_data(args, model)
-    except (WeightsError, dataset.DatasetError) as e:
+    except (WeightsError, ValueError, dataset.DatasetError) as e:
         sys.exit(f"error: {e}")
     model.to(device)
     if engine.autocast_dtype(device, args.precision) is not None:

@@ -1,0 +1,38 @@
+"""compare.py: a row per model, an error row for a failing one, no silent overwrite."""
+import pytest
+
+import compare
+
+
+def test_failing_model_gets_an_error_row_and_the_others_complete(faces_root, tmp_path, capsys):
+    out = tmp_path / "results"
+    flags = ["--data_root", str(faces_root), "--weights", "none", "--epochs", "1", "--max_per_class", "12",
+             "--image_size", "64", "--batch_size", "8", "--workers", "0", "--precision", "fp32",
+             "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
+    models, argv = compare.parse_args(["--models", "resnet18,no_such_net,mobilenet_v2", *flags])
+    rows = compare.compare(models, argv)
+
+    assert [r["model"] for r in rows] == ["resnet18", "no_such_net", "mobilenet_v2"]
+    assert "invalid choice: 'no_such_net'" in rows[1]["error"]
+    for r in (rows[0], rows[2]):
+        assert "error" not in r, r.get("error")
+        assert 0 <= r["accuracy"] <= 1 and r["train_s"] > 0 and r["infer_img_s"] > 0 and r["memory_mib"] > 0
+    assert rows[0]["params_m"] > rows[2]["params_m"]  # resnet18 11.2M vs mobilenet_v2 2.2M (with our head)
+    assert rows[0]["split_sha1"] == rows[2]["split_sha1"]  # the same images in the same splits
+
+    table = (out / "model_comparison.md").read_text()
+    assert "| resnet18 | " in table and "| mobilenet_v2 | " in table
+    assert "| no_such_net | failed: exit code 2" in table
+    assert "identical split.csv): yes" in table
+    assert (out / "model_comparison.png").stat().st_size > 10_000
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match="--overwrite"):  # an earlier comparison is never replaced silently
+        compare.compare(models, argv)
+
+
+def test_last_message_finds_the_error_among_progress_bars():
+    log = "caching 24 images: 100%|###| 24/24\rtrain 1: 50%\nTraceback (most recent call last):\n  ...\n" \
+          "RuntimeError: out of memory\n"
+    assert compare.last_message(log) == "RuntimeError: out of memory"
+    assert compare.last_message("") == "no output"
