@@ -211,9 +211,9 @@ def split_groups(samples, val_fraction, test_fraction, seed):
 
     Hand-written because scikit-learn has no train/val/test splitter that is
     both stratified and grouped with given fractions. Per class (a group's
-    majority label), groups are shuffled, then placed largest first, each into
-    the split furthest below its target share: exact fractions for single
-    images, and a fair packing when a few videos hold many frames.
+    majority label), groups are shuffled, then each goes to the split that is
+    least full relative to its target: exact fractions for single images, and
+    videos spread over all splits in proportion.
     """
     groups = {}
     for s in samples:
@@ -223,13 +223,13 @@ def split_groups(samples, val_fraction, test_fraction, seed):
         members = sorted((g for g, m in groups.items()
                           if Counter(s.label for s in m).most_common(1)[0][0] == label))
         rng.shuffle(members)
-        members.sort(key=lambda g: -len(groups[g]))  # stable: equal sizes keep their shuffled order
         total = sum(len(groups[g]) for g in members)
         target = {"train": (1 - val_fraction - test_fraction) * total, "val": val_fraction * total,
                   "test": test_fraction * total}
+        target = {k: t for k, t in target.items() if t > 0}
         filled = dict.fromkeys(target, 0)
         for g in members:
-            split = max(target, key=lambda k: target[k] - filled[k])
+            split = min(target, key=lambda k: filled[k] / target[k])
             for s in groups[g]:
                 s.split = split
             filled[split] += len(groups[g])

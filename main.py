@@ -117,7 +117,7 @@ def make_loader(ds, args, train):
     sampler = dataset.balanced_sampler(ds) if train and args.balance == "sampler" else None
     return DataLoader(ds, batch_size=args.batch_size, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=args.workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.workers > 0, drop_last=False)
+                      drop_last=False)  # workers restart each epoch: their RNG then follows the per-epoch seed
 
 
 def load_data(args, model):
@@ -177,7 +177,10 @@ def fit(args, model, data, device, out):
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        scheduler.T_max = args.epochs  # lets a resumed run be given more epochs
+        if scheduler.T_max != args.epochs:  # more (or fewer) epochs than first planned: stretch the cosine
+            scheduler.T_max = args.epochs
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * (1 + math.cos(math.pi * scheduler.last_epoch / args.epochs)) / 2
         start_epoch, best_auc, history = ckpt["epoch"] + 1, ckpt["best_auc"], ckpt["history"]
         print(f"resumed from epoch {start_epoch} (best val AUC so far {best_auc:.4f})")
     state = lambda epoch, threshold: {  # noqa: E731  (one dict: everything a resume needs)
