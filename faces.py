@@ -1,0 +1,452 @@
+"""Faces from videos and photos into a training folder.
+
+A deepfake detector looks at faces, not at whole frames, so every video or photo
+is turned into square face crops first.  For each source this script samples
+frames evenly, finds faces, cuts a square with some margin around each face and
+saves it as a JPEG, plus a manifest that says where every crop came from.
+
+Examples (from the project root):
+
+    # crops of fake videos into the training folder (32 frames per video)
+    python faces.py --input ../shared/data/videos/uadfv_0017_fake.mp4 --output Dataset/fake_data
+    # a whole folder, every face per frame, with a contact sheet to check by eye
+    python faces.py --input ../shared/data/videos --output /tmp/x --all_faces --preview
+    # frames/s of both detectors on the shared clips (writes nothing)
+    python faces.py --input ../shared/data/videos --output /tmp/x --benchmark --frames 16
+
+Outputs in --output:
+    <stem>_f<frame:04d>_<face>.jpg   crops; <stem> identifies the source (unique per source)
+    manifest.csv   file,source,frame,face,x0,y0,x1,y1,score,detector (one row per crop,
+                   box = detected face box in source pixels).  Training keeps all crops
+                   of one `source` in the same train/val/test split.
+    no_faces.csv   source,frame,reason for every frame without a face and every unreadable file
+    sources.csv    what was processed with which settings, so a re-run skips it
+    preview.png    (--preview) sampled frames with boxes, next to the crop taken
+"""
+import argparse
+import csv
+import math
+import multiprocessing as mp
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from tqdm import tqdm
+
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+MANIFEST_COLUMNS = ["file", "source", "frame", "face", "x0", "y0", "x1", "y1", "score", "detector"]
+NO_FACE_COLUMNS = ["source", "frame", "reason"]
+STATE_COLUMNS = ["source", "path", "size", "mtime", "settings", "stem", "status", "frames", "crops"]
+CROP_NAME = re.compile(r"^(?P<stem>.+)_f(?P<frame>\d+)_(?P<face>\d+)\.jpg$")
+DETECT_MAX_SIDE = 800  # YuNet is trained on small images and yuface warns above 960 px
+DEFAULT_MIN_SCORE = {"yunet": 0.6, "dlib": 0.0}  # dlib scores are SVM margins, 0 = its own boundary
+PREVIEW_TILES, PREVIEW_PER_SOURCE = 48, 4
+
+Box = tuple[int, int, int, int, float]  # x0, y0, x1, y1 (exclusive), score
+
+
+class MediaError(ValueError):
+    """A file that cannot be read as a video or an image."""
+
+
+def is_video(path) -> bool:
+    return Path(path).suffix.lower() in VIDEO_EXTS
+
+
+def is_image(path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTS
+
+
+def source_stem(crop_name: str) -> str:
+    """'clip_f0003_0.jpg' -> 'clip': how training groups crops without a manifest."""
+    m = CROP_NAME.match(Path(crop_name).name)
+    if not m:
+        raise ValueError(f"not a crop name: {crop_name}")
+    return m["stem"]
+
+
+# ----------------------------------------------------------------------------- detectors
+def load_detector(name: str = "yunet", min_score: float | None = None) -> Callable[[np.ndarray], list[Box]]:
+    """Return detect(rgb uint8 HxWx3) -> [(x0, y0, x1, y1, score)] in full-resolution pixels.
+
+    min_score=None uses the detector's own default (yunet 0.6 probability, dlib 0.0 margin).
+    Both detectors ship inside their pip packages, so nothing is downloaded.
+    """
+    if min_score is None:
+        min_score = DEFAULT_MIN_SCORE[name]
+    if name == "yunet":
+        import yuface
+
+        def raw(small):  # yuface wants BGR; its scores are 0-100, boxes are x, y, w, h
+            scores, boxes, _ = yuface.detect(np.ascontiguousarray(small[:, :, ::-1]), conf=min_score)
+            return [(x, y, x + w, y + h, s / 100) for s, (x, y, w, h) in zip(scores.tolist(), boxes.tolist())]
+    elif name == "dlib":
+        import dlib
+        hog = dlib.get_frontal_face_detector()  # HOG + linear SVM, no model file needed
+
+        def raw(small):  # upsample once: HOG misses faces under ~80 px otherwise
+            rects, scores, _ = hog.run(small, 1, min_score)
+            return [(r.left(), r.top(), r.right() + 1, r.bottom() + 1, s) for r, s in zip(rects, scores)]
+    else:
+        raise ValueError(f"unknown detector {name!r} (use yunet or dlib)")
+
+    def detect(rgb: np.ndarray) -> list[Box]:
+        h, w = rgb.shape[:2]
+        scale = min(1.0, DETECT_MAX_SIDE / max(h, w))  # detect small (fast), report full size
+        small = rgb if scale == 1 else np.asarray(
+            Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
+        out = []
+        for x0, y0, x1, y1, s in raw(small):
+            if s < min_score:
+                continue
+            x0, x1 = (min(max(round(v / scale), 0), w) for v in (x0, x1))  # clamp to the image
+            y0, y1 = (min(max(round(v / scale), 0), h) for v in (y0, y1))
+            if x1 > x0 and y1 > y0:
+                out.append((x0, y0, x1, y1, float(s)))
+        return out
+    return detect
+
+
+def crop_square(box: Box, margin: float = 1.3) -> tuple[int, int, int, int]:
+    """Square of side margin * max(w, h) centred on the box (may reach outside the image)."""
+    x0, y0, x1, y1 = box[:4]
+    side = margin * max(x1 - x0, y1 - y0)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = round(cx - side / 2), round(cy - side / 2)
+    return left, top, left + round(side), top + round(side)
+
+
+def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
+               all_faces: bool = False) -> list[tuple[Image.Image, Box]]:
+    """Square face crops resized to size x size, largest face first."""
+    boxes = sorted(detector(rgb), key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
+    image = Image.fromarray(rgb)
+    # Where the square leaves the image, PIL's crop pads with black.  We pad rather than
+    # shift the square inside, so every face is centred at the same scale: a shifted crop
+    # would teach the classifier that faces near the border sit off-centre.
+    return [(image.crop(crop_square(b, margin)).resize((size, size), Image.BICUBIC), b)
+            for b in (boxes if all_faces else boxes[:1])]
+
+
+# ----------------------------------------------------------------------------- reading media
+def sample_frames(video_path, n_frames: int = 32) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (frame_index, RGB uint8 HxWx3) for n_frames indices spread evenly over the video.
+
+    Decodes sequentially and keeps the wanted frames: seeking only lands on keyframes
+    (often 100-250 frames apart), so it saves little and makes indices inexact.
+    Raises MediaError when the file cannot be opened or decoding fails.
+    """
+    import av
+    try:
+        with av.open(str(video_path)) as container:
+            if not container.streams.video:
+                raise MediaError(f"{video_path}: no video stream")
+            stream = container.streams.video[0]
+            total = stream.frames  # 0 when the container does not store it
+            if total <= 0 and stream.average_rate:  # estimate from duration x frame rate
+                seconds = (float(stream.duration * stream.time_base) if stream.duration
+                           else (container.duration or 0) / av.time_base)
+                total = round(seconds * float(stream.average_rate))
+            if total <= 0:  # still unknown: count packets (demuxing only, no decoding)
+                total = sum(1 for p in container.demux(stream) if p.size)
+                container.seek(0)
+            wanted = sorted({round(i) for i in np.linspace(0, total - 1, n_frames)}) if total > n_frames \
+                else range(total)
+            stream.thread_type = "AUTO"
+            wanted_set, last, got = set(wanted), wanted[-1] if len(wanted) else -1, 0
+            for index, frame in enumerate(container.decode(stream)):
+                if index in wanted_set:  # convert only the kept frames: the costly step
+                    got += 1
+                    yield index, frame.to_ndarray(format="rgb24")
+                if index >= last:
+                    break  # an estimated total may be too high: we simply yield fewer frames
+            if got == 0:
+                raise MediaError(f"{video_path}: no decodable frames")
+    except av.FFmpegError as e:  # includes InvalidDataError for random bytes / truncation
+        raise MediaError(f"{video_path}: {e}") from e
+
+
+def load_image(path) -> np.ndarray:
+    """RGB uint8 array of a photo, turned upright per its EXIF tag; MediaError if unreadable."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise MediaError(f"{path}: {e}") from e
+
+
+def find_sources(inputs, output: Path) -> tuple[list[Path], list[str]]:
+    """Media files under the inputs (folders recurse) and a list of problems found."""
+    sources, problems, out = [], [], output.resolve()
+    for given in map(Path, inputs):
+        if given.is_dir():
+            for p in sorted(given.rglob("*")):  # skip our own output folder inside an input
+                if p.is_file() and (is_video(p) or is_image(p)) and out not in p.resolve().parents:
+                    sources.append(p)
+        elif given.is_file() and (is_video(given) or is_image(given)):
+            sources.append(given)
+        else:
+            problems.append(f"{given}: {'not found' if not given.exists() else 'not a video or image'}")
+    unique = list(dict.fromkeys(sources))  # the same file given twice is one source
+    return unique, problems
+
+
+# ----------------------------------------------------------------------------- per-source work
+_detector = None  # one per process: each worker loads its own
+
+
+def _init_worker(name, min_score, lock=None):
+    global _detector
+    if lock is not None:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # one core per worker, no oversubscription
+        tqdm.set_lock(lock)
+    _detector = load_detector(name, min_score)
+
+
+def process_source(job: dict) -> dict:
+    """Crop faces from one video or photo; write the JPEGs, return rows for the CSVs."""
+    src, stem, out = job["source"], job["stem"], Path(job["output"])
+    res = dict(job, status="ok", frames=0, rows=[], no_face=[], error=None, tiles=[])
+    if is_video(src):
+        frames, bar = sample_frames(src, job["frames"]), tqdm(
+            total=job["frames"], desc=Path(src).name[:30], unit="fr", leave=False,
+            position=job.get("slot", 1), disable=job.get("quiet", False))
+    else:
+        frames, bar = None, None
+    tile_every = max(1, job["frames"] // PREVIEW_PER_SOURCE)
+    try:
+        for index, rgb in frames if frames is not None else [(0, load_image(src))]:
+            crops = crop_faces(rgb, _detector, job["margin"], job["size"], job["all_faces"])
+            for face, (img, (x0, y0, x1, y1, score)) in enumerate(crops):
+                name = f"{stem}_f{index:04d}_{face}.jpg"
+                img.save(out / name, quality=95)
+                res["rows"].append(dict(file=name, source=src, frame=index, face=face, x0=x0, y0=y0, x1=x1,
+                                        y1=y1, score=f"{score:.3f}", detector=job["detector"]))
+            if not crops:
+                res["no_face"].append(index)
+            if job["preview"] and res["frames"] % tile_every == 0 and len(res["tiles"]) < PREVIEW_PER_SOURCE:
+                res["tiles"].append(_tile(rgb, crops, job["margin"], f"{stem} f{index}"))
+            res["frames"] += 1
+            if bar:
+                bar.update()
+    except MediaError as e:
+        # Unreadable from the start: report it.  A truncated video keeps what was decoded.
+        res["status"], res["error"] = ("partial" if res["frames"] else "unreadable"), str(e)
+    finally:
+        if bar:
+            bar.close()
+    if res["status"] == "ok" and not res["rows"]:
+        res["status"] = "noface"
+    return res
+
+
+def _tile(rgb, crops, margin, label, h=160) -> Image.Image:
+    """Preview tile: the frame with crop squares drawn, the largest crop beside it, a label."""
+    frame = Image.fromarray(rgb)
+    s = h / frame.height
+    frame = frame.resize((min(round(frame.width * s), 2 * h), h))
+    sx = frame.width / rgb.shape[1]
+    tile = Image.new("RGB", (frame.width + h, h + 18), "white")
+    tile.paste(frame, (0, 0))
+    draw = ImageDraw.Draw(tile)
+    for i, (_, box) in enumerate(crops):
+        draw.rectangle([v * (sx if k % 2 == 0 else s) for k, v in enumerate(crop_square(box, margin))],
+                       outline="lime" if i == 0 else "yellow", width=2)
+    if crops:
+        tile.paste(crops[0][0].resize((h, h)), (frame.width, 0))
+    draw.text((2, h + 2), label + ("" if crops else "  NO FACE"), fill="black" if crops else "red",
+              font=ImageFont.load_default(size=13))
+    return tile
+
+
+def save_preview(tiles: list[Image.Image], path: Path, columns: int = 4) -> None:
+    w, h = max(t.width for t in tiles), max(t.height for t in tiles)
+    sheet = Image.new("RGB", (columns * w, math.ceil(len(tiles) / columns) * h), "white")
+    for i, t in enumerate(tiles):
+        sheet.paste(t, ((i % columns) * w, (i // columns) * h))
+    sheet.save(path)
+
+
+# ----------------------------------------------------------------------------- bookkeeping
+def read_csv(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_csv(path: Path, columns, rows, append: bool = False) -> None:
+    new = not (append and path.exists())
+    with open(path, "w" if new else "a", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def unique_stem(path: Path, clashes: set[str], taken: set[str]) -> str:
+    """File-name-safe stem; parent folder added when two inputs share a stem, then a number."""
+    clean = lambda s: re.sub(r"[^\w.-]+", "-", s)
+    stem = clean(path.stem) if path.stem not in clashes else clean(f"{path.parent.name}_{path.stem}")
+    candidate, n = stem, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}-{n}"
+    taken.add(candidate)
+    return candidate
+
+
+def main(args) -> dict:
+    out = Path(args.output)
+    sources, problems = find_sources(args.input, out)
+    for p in problems:
+        print(f"WARNING: skipping {p}", file=sys.stderr)
+    if args.benchmark:
+        return benchmark(sources, args.frames)
+    out.mkdir(parents=True, exist_ok=True)
+    min_score = DEFAULT_MIN_SCORE[args.detector] if args.min_score is None else args.min_score
+    settings = (f"frames={args.frames} margin={args.margin} size={args.size} detector={args.detector} "
+                f"all_faces={int(args.all_faces)} min_score={min_score}")
+    paths = [out / "manifest.csv", out / "no_faces.csv", out / "sources.csv"]
+    manifest, no_faces = read_csv(paths[0]), read_csv(paths[1])
+    state = {r["path"]: r for r in read_csv(paths[2])}  # later rows win
+    taken = {r["stem"] for r in state.values()} | {source_stem(r["file"]) for r in manifest}
+
+    # Decide what to do from file size, mtime and settings alone: done sources cost no decoding.
+    todo, skipped, redo = [], [], set()
+    counts = {}
+    for p in sources:
+        counts[p.stem] = counts.get(p.stem, 0) + 1
+    clashes = {s for s, c in counts.items() if c > 1}
+    for p in sources:
+        st, key = p.stat(), str(p.resolve())
+        old = state.get(key)
+        if (old and not args.overwrite and old["status"] != "unreadable" and old["settings"] == settings
+                and old["size"] == str(st.st_size) and old["mtime"] == str(st.st_mtime_ns)):
+            skipped.append(str(p))
+            continue
+        if old:  # reprocess: forget the old crops of this source first
+            redo.add(old["source"])
+            for f in out.glob(f"{glob_escape(old['stem'])}_f*_*.jpg"):
+                if source_stem(f.name) == old["stem"]:
+                    f.unlink()
+        stem = old["stem"] if old else unique_stem(p, clashes, taken)
+        todo.append(dict(source=str(p), path=key, file_size=st.st_size, mtime=st.st_mtime_ns, settings=settings,
+                         stem=stem, output=str(out), frames=args.frames, margin=args.margin, size=args.size,
+                         detector=args.detector, all_faces=args.all_faces, preview=args.preview))
+    write_csv(paths[0], MANIFEST_COLUMNS, [r for r in manifest if r["source"] not in redo])
+    write_csv(paths[1], NO_FACE_COLUMNS, [r for r in no_faces if r["source"] not in redo])
+    write_csv(paths[2], STATE_COLUMNS, [r for r in state.values() if r["source"] not in redo])
+
+    summary = dict(processed=0, skipped=skipped, frames=0, crops=0, no_face_frames=0, no_face_sources=[],
+                   unreadable=[p.split(":")[0] for p in problems], partial=[])
+    tiles = {}
+    workers = max(1, min(args.workers, len(todo)))
+    if workers == 1:
+        _init_worker(args.detector, min_score)
+        results = map(process_source, todo)
+    else:
+        pool = mp.Pool(workers, _init_worker, (args.detector, min_score, tqdm.get_lock()))
+        for i, job in enumerate(todo):
+            job["slot"] = 1 + i % workers  # bar lines; two jobs may share one line for a moment
+        results = pool.imap_unordered(process_source, todo)
+    overall = tqdm(results, total=len(todo), desc="sources", unit="src", position=0)
+    for res in overall:
+        src = res["source"]
+        if res["error"]:
+            tqdm.write(f"WARNING: {res['error']}" + (" (kept frames decoded before)" if res["frames"] else ""),
+                       file=sys.stderr)
+        write_csv(paths[0], MANIFEST_COLUMNS, res["rows"], append=True)  # only the parent writes CSVs
+        missing = [dict(source=src, frame=i, reason="no_face") for i in res["no_face"]]
+        if res["status"] == "unreadable":
+            missing.append(dict(source=src, frame="", reason=f"unreadable: {res['error']}"))
+        write_csv(paths[1], NO_FACE_COLUMNS, missing, append=True)
+        write_csv(paths[2], STATE_COLUMNS, [dict(res, size=res["file_size"], crops=len(res["rows"]))], append=True)
+        if res["status"] == "unreadable":
+            summary["unreadable"].append(src)
+            continue
+        summary["processed"] += 1
+        summary["frames"] += res["frames"]
+        summary["crops"] += len(res["rows"])
+        summary["no_face_frames"] += len(res["no_face"])
+        if res["status"] == "noface":
+            summary["no_face_sources"].append(src)
+        if res["status"] == "partial":
+            summary["partial"].append(src)
+        tiles[src] = res["tiles"]
+    overall.close()
+    if workers > 1:
+        pool.close()
+        pool.join()
+    if args.preview and any(tiles.values()):
+        # Round-robin over sources so every source shows up before the tile cap is reached.
+        picked = [t for i in range(PREVIEW_PER_SOURCE) for ts in tiles.values() if i < len(ts) for t in ts[i:i + 1]]
+        save_preview(picked[:PREVIEW_TILES], out / "preview.png")
+    print(f"\nsources processed {summary['processed']}, skipped (already done) {len(skipped)}, "
+          f"frames read {summary['frames']}, crops written {summary['crops']}, "
+          f"frames without a face {summary['no_face_frames']}, unreadable {len(summary['unreadable'])}")
+    for label, items in [("no face at all", summary["no_face_sources"]), ("unreadable", summary["unreadable"]),
+                         ("decoding stopped early", summary["partial"])]:
+        if items:
+            print(f"  {label}: " + ", ".join(items))
+    print(f"  output: {out}  (manifest.csv, no_faces.csv{', preview.png' if args.preview else ''})")
+    return summary
+
+
+def glob_escape(s: str) -> str:
+    return re.sub(r"([\[\]*?])", r"[\1]", s)
+
+
+def benchmark(sources, n_frames) -> dict:
+    """Detection frames/s per detector and clip, on frames sampled as in a normal run."""
+    detectors = {name: load_detector(name) for name in ("yunet", "dlib")}
+    table = {}
+    print(f"{'clip':32} {'size':>9} {'frames':>6} {'detector':>8} {'faces/fr':>8} {'ms/frame':>8} {'frames/s':>8}")
+    for src in sources:
+        try:
+            frames = [rgb for _, rgb in sample_frames(src, n_frames)] if is_video(src) else [load_image(src)]
+        except MediaError as e:
+            print(f"WARNING: {e}", file=sys.stderr)
+            continue
+        for name, detect in detectors.items():
+            start = time.perf_counter()
+            faces = sum(len(detect(rgb)) for rgb in frames)
+            per = (time.perf_counter() - start) / len(frames)
+            table[(str(src), name)] = 1 / per
+            h, w = frames[0].shape[:2]
+            print(f"{src.name[:32]:32} {f'{w}x{h}':>9} {len(frames):>6} {name:>8} {faces / len(frames):8.2f} "
+                  f"{per * 1000:8.1f} {1 / per:8.1f}")
+    return table
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Crop faces from videos and photos into a training folder.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="video files, image files or folders of them (folders are searched recursively)")
+    p.add_argument("--output", required=True, help="folder for the crops, manifest.csv and no_faces.csv")
+    p.add_argument("--frames", type=int, default=32, help="frames sampled evenly per video (all if shorter)")
+    p.add_argument("--margin", type=float, default=1.3, help="crop side = margin x larger face-box side (FF++)")
+    p.add_argument("--size", type=int, default=256, help="side in pixels of the saved square crops")
+    p.add_argument("--detector", choices=["yunet", "dlib"], default="yunet",
+                   help="yunet (CNN, fast, accurate) or dlib (HOG, frontal faces only)")
+    p.add_argument("--all_faces", action="store_true", help="save every face per frame, not only the largest")
+    p.add_argument("--min_score", type=float, default=None,
+                   help="drop detections below this score; default 0.6 for yunet (0-1), 0.0 for dlib (SVM margin)")
+    p.add_argument("--overwrite", action="store_true", help="redo sources already in the output folder")
+    p.add_argument("--preview", action="store_true", help="write preview.png: sampled frames with boxes and crops")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="processes working on different sources at once")
+    p.add_argument("--benchmark", action="store_true",
+                   help="only print detection frames/s of yunet and dlib on the inputs; writes nothing")
+    return p
+
+
+if __name__ == "__main__":
+    main(get_args_parser().parse_args())
