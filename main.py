@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 import dataset
 import engine
 import features
+import gradcam
 import report
 from model import MODELS, DeepfakeDetector, WeightsError, input_size
 
@@ -241,6 +242,8 @@ def evaluate_and_report(args, model, ckpt, data, device, out, history):
                          amp is not None, desc=split)
     threshold = ckpt["threshold"] if ckpt.get("threshold") is not None else 0.5
     metrics = report.write_test_report(out, te["labels"], te["probs"], threshold, split)
+    if len(ds):  # heatmaps of right and wrong calls; written before summary.md, which shows it
+        gradcam.save_examples(model, ds, te["probs"], te["labels"], threshold, out / "gradcam_examples.png", device)
     if history:
         report.plot_training_curves(history, out / "training_curves.png")
     metrics.update(inference_img_s=te["img_s"], best_epoch=ckpt["epoch"] + 1, checkpoint_args=ckpt["args"])
