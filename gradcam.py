@@ -105,6 +105,9 @@ class GradCAM:
         finally:
             hook.remove()
             self.model.train(was_training)
+        if _as_grid(act) is None:  # e.g. ResNet's layer4 on a 32 px input is 1x1: nothing to localise
+            raise GradCAMUnsupported(f"Grad-CAM needs a spatial feature map; got {tuple(act.shape)} "
+                                     f"at input size {tuple(x.shape[2:])}")
         act, grad = _as_grid(act.detach()).float(), _as_grid(grad).float()
         weights = grad.mean(dim=(2, 3), keepdim=True)                 # (B, C, 1, 1): importance per channel
         cam = F.relu((weights * act).sum(1, keepdim=True))            # (B, 1, h, w)
@@ -157,14 +160,14 @@ def save_examples(model, dataset, probs, labels, threshold, path, device, per_ca
             for title, mask in categories if mask.any()]
     if not rows:
         return None
+    index = [i for _, idx in rows for i in idx]
+    x = torch.stack([dataset[i][0] for i in index]).to(device)
     try:
-        cam = GradCAM(model)
+        maps = GradCAM(model)(x).numpy()
     except GradCAMUnsupported as e:
         print(f"skipping {path}: {e}")
         return None
-    index = [i for _, idx in rows for i in idx]
-    x = torch.stack([dataset[i][0] for i in index]).to(device)
-    maps, images = cam(x).numpy(), _denormalize(x, model.mean, model.std)
+    images = _denormalize(x, model.mean, model.std)
     pictures = dict(zip(index, (blend(im, m) for im, m in zip(images, maps))))
     fig, axes = plt.subplots(len(rows), per_category, figsize=(2.4 * per_category, 2.7 * len(rows)), squeeze=False)
     for r, (title, idx) in enumerate(rows):

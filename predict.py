@@ -79,7 +79,8 @@ class Predictor:
         if name not in MODELS:
             raise engine.CheckpointError(f"{checkpoint}: trained for model {name!r}, which model.py does not "
                                          f"know (known: {', '.join(MODELS)})")
-        self.model = DeepfakeDetector(name, "none", freeze_backbone=bool(cargs.get("freeze_backbone")))
+        self.model = DeepfakeDetector(name, "none", freeze_backbone=bool(cargs.get("freeze_backbone")),
+                                      image_size=cargs.get("image_size"))  # ViT's position grid depends on it
         try:
             self.model.load_state_dict(ckpt["model"])
         except Exception as e:  # wrong shapes or keys: another architecture's weights

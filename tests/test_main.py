@@ -58,7 +58,8 @@ def test_evaluate_only_reproduces_the_test_metrics(trained_run, faces_root):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(faces_root, tmp_path, monkeypatch):
-    common = ("--epochs", "3", "--max_per_class", "12", "--precision", "fp32")
+    # two loader workers: their augmentation RNG must follow the per-epoch seed too
+    common = ("--epochs", "3", "--max_per_class", "12", "--precision", "fp32", "--workers", "2")
     main.main(tiny_args(faces_root, tmp_path / "straight", *common))
     straight = engine.load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
 
