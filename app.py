@@ -25,7 +25,6 @@ import io
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -104,11 +103,13 @@ def to_json(result, name, max_images):
     """predict_file's dict -> the API answer: plain numbers, crops and heatmaps as data URLs."""
     rows = [{"frame": r["frame"], "face": r["face"], "fake_probability": r["fake_probability"],
              "box": r.get("box")} for r in result["rows"]]
-    shown = spread(len(rows), max_images)
-    images = [dict(rows[i], crop=data_url(result["crops"][i]), gradcam=data_url(result["gradcam"][i]))
-              for i in shown]
+    cams = result.get("gradcam") or []  # empty when the backbone has no layer Grad-CAM can explain
+    images = [dict(rows[i], crop=data_url(result["crops"][i]), gradcam=data_url(cams[i]) if cams else None)
+              for i in spread(len(rows), max_images)]
     answer = {k: result[k] for k in ("label", "fake_probability", "threshold", "kind", "frames", "faces")}
     answer.update(name=name, rows=rows, images=images, images_total=len(rows))
+    if result.get("warning"):  # e.g. a video whose decoding stopped early: say it, keep the verdict
+        answer["warning"] = result["warning"].split(": ", 1)[-1]
     if result["label"] == NO_FACE:
         answer["message"] = (f"No face found in {name} ({result['frames']} frame(s) searched). The detector "
                              "judges faces only: try a photo or video where a face is clearly visible.")
@@ -125,11 +126,7 @@ def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0,
     # the per-kind limit is checked once the content is known
     app.config["MAX_CONTENT_LENGTH"] = int(max(max_image_mb, max_video_mb) * 2**20) + 2**16
     limits = {"image": max_image_mb, "video": max_video_mb}
-    # one model call at a time: Grad-CAM hooks and autocast state live on the shared model, and
-    # two CPU inferences in parallel are no faster than one after the other. Uploads, content
-    # checks and image encoding still run in parallel threads.
-    model_lock = threading.Lock()
-    info = {"model": getattr(predictor, "model_name", None), "checkpoint": str(checkpoint) if checkpoint else None,
+    info = {"model": predictor.model.name, "checkpoint": str(checkpoint) if checkpoint else None,
             "threshold": predictor.threshold}
 
     @app.get("/")
@@ -159,9 +156,8 @@ def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0,
             path = raw[:-len(".part")] + ext  # same random name, an extension predict.py dispatches on
             os.replace(raw, path)
             start = time.perf_counter()
-            try:
-                with model_lock:
-                    result = predictor.predict_file(path, gradcam=True)
+            try:  # Predictor is thread-safe: it runs one forward/Grad-CAM at a time, decoding in parallel
+                result = predictor.predict_file(path, gradcam=True)
             except MediaError as e:  # decodes badly: truncated JPEG, broken video stream
                 raise UploadError(422, f"{name}: cannot be decoded ({str(e).replace(path, '').lstrip(': ')}); "
                                   "the file may be damaged or truncated") from None

@@ -74,8 +74,9 @@ function render(a) {
   const where = a.kind === "video" ? ` in ${a.frames} sampled frames` : "";
   $("summary").textContent = noFace ? a.name
     : `P(fake) ${a.fake_probability.toFixed(3)} (threshold ${a.threshold.toFixed(2)}), ${a.faces} face(s)${where}, ${a.seconds} s`;
-  $("message").textContent = a.message || "";
-  show("message", !!a.message);
+  const note = [a.message, a.warning && `Note: ${a.warning}`].filter(Boolean).join(" ");
+  $("message").textContent = note;
+  show("message", !!note);
 
   show("meter", !noFace);
   if (!noFace) {
@@ -102,7 +103,8 @@ function faceCard(img) {
   figure.className = "face";
   figure.innerHTML = `<div class="pair"><img class="crop" alt="face crop"><img class="gradcam" alt="Grad-CAM heatmap"></div><figcaption></figcaption>`;
   figure.querySelector(".crop").src = img.crop;
-  figure.querySelector(".gradcam").src = img.gradcam;
+  if (img.gradcam) figure.querySelector(".gradcam").src = img.gradcam;
+  else figure.querySelector(".gradcam").replaceWith("no heatmap for this model");
   figure.querySelector("figcaption").textContent = `frame ${img.frame}, face ${img.face}: P(fake) ${img.fake_probability.toFixed(3)}`;
   return figure;
 }

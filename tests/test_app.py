@@ -33,7 +33,8 @@ PNG_BAD_CRC = _png_with_bad_crc()
 
 
 class FakePredictor:  # TEMPORARY until predict.py is merged
-    threshold, classes, image_size, model_name = 0.5, ["real", "fake"], 64, "resnet18"
+    threshold, classes, image_size = 0.5, ["real", "fake"], 64
+    model = type("M", (), {"name": "resnet18"})
 
     def predict_file(self, path, gradcam=False):
         if faces.is_video(path):
@@ -90,7 +91,7 @@ def decode(data_url):
 
 def test_health_and_page(client, predictor):
     health = client.get("/health").get_json()
-    assert health == {"status": "ok", "model": predictor.model_name, "checkpoint": "ckpt.pt",
+    assert health == {"status": "ok", "model": predictor.model.name, "checkpoint": "ckpt.pt",
                       "threshold": predictor.threshold}
     page = client.get("/")
     assert page.status_code == 200 and b'id="analyze"' in page.data and b"static/app.js" in page.data
