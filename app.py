@@ -159,8 +159,8 @@ def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0,
             try:  # Predictor is thread-safe: it runs one forward/Grad-CAM at a time, decoding in parallel
                 result = predictor.predict_file(path, gradcam=True)
             except MediaError as e:  # decodes badly: truncated JPEG, broken video stream
-                raise UploadError(422, f"{name}: cannot be decoded ({str(e).replace(path, '').lstrip(': ')}); "
-                                  "the file may be damaged or truncated") from None
+                detail = str(e).replace(path, "").lstrip(": ")  # our temp name means nothing to the user
+                raise UploadError(422, f"{name}: damaged or truncated, cannot be decoded: {detail}") from None
             answer = to_json(result, name, max_images)
             answer["seconds"] = round(time.perf_counter() - start, 2)
             return jsonify(answer)

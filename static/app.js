@@ -7,6 +7,7 @@ const app = $("app");
 const LIMIT_MB = { image: +app.dataset.maxImageMb, video: +app.dataset.maxVideoMb };
 let chosen = null; // the File to analyze
 
+function sizeText(bytes) { return bytes < 2 ** 20 ? `${Math.ceil(bytes / 1024)} KB` : `${(bytes / 2 ** 20).toFixed(1)} MB`; }
 function show(id, on) { $(id).hidden = !on; }
 function showError(text) { $("error").textContent = text; show("error", !!text); }
 
@@ -22,16 +23,19 @@ function choose(file) {
   media.src = URL.createObjectURL(file); // a local preview: nothing is uploaded yet
   if (kind === "video") { media.controls = true; media.muted = true; }
   media.alt = "preview of the chosen file";
-  media.onerror = () => media.remove(); // the server will say what is wrong with it
   const caption = document.createElement("span");
   caption.className = "muted";
-  caption.textContent = `${file.name} (${(file.size / 2 ** 20).toFixed(2)} MB)`;
+  caption.textContent = `${file.name} (${sizeText(file.size)})`;
+  media.onerror = () => { // e.g. a codec this browser lacks, or not media at all: the server decides
+    media.remove();
+    caption.textContent += ", no preview in this browser";
+  };
   preview.append(media, caption);
   show("preview", true);
   // a friendly early warning; the server checks the real limit from the file's content
   const limit = Math.max(LIMIT_MB.image, LIMIT_MB.video);
   const tooBig = file.size > limit * 2 ** 20;
-  if (tooBig) showError(`${file.name} is ${(file.size / 2 ** 20).toFixed(1)} MB: over the ${limit} MB upload limit.`);
+  if (tooBig) showError(`${file.name} is ${sizeText(file.size)}: over the ${limit} MB upload limit.`);
   $("analyze").disabled = tooBig;
 }
 
@@ -84,34 +88,40 @@ function render(a) {
     $("bar-threshold").style.left = `${(100 * a.threshold).toFixed(1)}%`;
     $("bar").setAttribute("aria-label", `P(fake) ${a.fake_probability.toFixed(3)}, threshold ${a.threshold.toFixed(2)}`);
   }
-  show("chart-box", a.kind === "video" && a.rows.length > 0);
-  if (a.kind === "video") drawChart(a.rows, a.threshold);
 
   const faces = $("faces");
-  faces.replaceChildren(...a.images.map(faceCard));
+  faces.replaceChildren(...a.images.map((img) => faceCard(img, a.kind)));
   show("faces-title", a.images.length > 0);
   show("faces-help", a.images.length > 0);
   if (a.images_total > a.images.length) {
     $("faces-help").textContent = `Red areas pushed the model towards "fake". Showing ${a.images.length} of ${a.images_total} faces, spread over the video.`;
   }
   show("result", true);
+  lastVideo = a.kind === "video" && a.rows.length > 0 ? a : null;
+  show("chart-box", !!lastVideo);
+  if (lastVideo) drawChart(lastVideo.rows, lastVideo.threshold); // once visible: it is drawn at its pixel width
   $("result").scrollIntoView({ behavior: "smooth", block: "start" });
 }
 
-function faceCard(img) {
+function faceCard(img, kind) {
   const figure = document.createElement("figure");
   figure.className = "face";
   figure.innerHTML = `<div class="pair"><img class="crop" alt="face crop"><img class="gradcam" alt="Grad-CAM heatmap"></div><figcaption></figcaption>`;
   figure.querySelector(".crop").src = img.crop;
   if (img.gradcam) figure.querySelector(".gradcam").src = img.gradcam;
   else figure.querySelector(".gradcam").replaceWith("no heatmap for this model");
-  figure.querySelector("figcaption").textContent = `frame ${img.frame}, face ${img.face}: P(fake) ${img.fake_probability.toFixed(3)}`;
+  figure.querySelector("figcaption").textContent =
+    `${kind === "video" ? `frame ${img.frame}, ` : ""}face ${img.face}: P(fake) ${img.fake_probability.toFixed(3)}`;
   return figure;
 }
 
-// per-frame scores as an inline SVG: one dot per face, a dashed line at the threshold
+// per-frame scores as an inline SVG: one dot per face, a dashed line at the threshold.
+// Drawn in screen pixels (viewBox = its width) so the labels keep their size on any screen.
+let lastVideo = null;
+window.addEventListener("resize", () => { if (lastVideo) drawChart(lastVideo.rows, lastVideo.threshold); });
 function drawChart(rows, threshold) {
-  const W = 320, H = 120, pad = 14;
+  const W = Math.max(200, $("chart").clientWidth), H = 140, pad = 16;
+  $("chart").setAttribute("viewBox", `0 0 ${W} ${H}`);
   const frames = rows.map((r) => r.frame);
   const lo = Math.min(...frames), hi = Math.max(...frames);
   const x = (f) => pad + (hi > lo ? (f - lo) / (hi - lo) : 0.5) * (W - 2 * pad);
@@ -120,10 +130,10 @@ function drawChart(rows, threshold) {
       class="${r.fake_probability >= threshold ? "dot-fake" : "dot-real"}"><title>frame ${r.frame}, face ${r.face}: ${r.fake_probability.toFixed(3)}</title></circle>`);
   $("chart").innerHTML = `
     <line x1="${pad}" x2="${W - pad}" y1="${y(threshold)}" y2="${y(threshold)}" stroke="#1f2328" stroke-dasharray="4 3"/>
-    <text x="${W - pad}" y="${y(threshold) - 3}" font-size="8" text-anchor="end">threshold ${threshold.toFixed(2)}</text>
-    <text x="2" y="${y(1) + 3}" font-size="8">1</text><text x="2" y="${y(0) + 3}" font-size="8">0</text>
-    <text x="${pad}" y="${H - 2}" font-size="8">frame ${lo}</text>
-    <text x="${W - pad}" y="${H - 2}" font-size="8" text-anchor="end">frame ${hi}</text>
+    <text x="${W - pad}" y="${y(threshold) - 3}" font-size="11" text-anchor="end">threshold ${threshold.toFixed(2)}</text>
+    <text x="3" y="${y(1) + 4}" font-size="11">1</text><text x="3" y="${y(0) + 4}" font-size="11">0</text>
+    <text x="${pad}" y="${H - 2}" font-size="11">frame ${lo}</text>
+    <text x="${W - pad}" y="${H - 2}" font-size="11" text-anchor="end">frame ${hi}</text>
     ${dots.join("")}`;
   $("rows").innerHTML = rows.map((r) => `<tr><td>${r.frame}</td><td>${r.face}</td><td>${r.fake_probability.toFixed(3)}</td></tr>`).join("");
 }

@@ -7,12 +7,10 @@ import sys
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
 import app as webapp
-import faces
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,33 +30,11 @@ def _png_with_bad_crc():
 PNG_BAD_CRC = _png_with_bad_crc()
 
 
-class FakePredictor:  # TEMPORARY until predict.py is merged
-    threshold, classes, image_size = 0.5, ["real", "fake"], 64
-    model = type("M", (), {"name": "resnet18"})
-
-    def predict_file(self, path, gradcam=False):
-        if faces.is_video(path):
-            frames = list(faces.sample_frames(path, 4))
-        else:
-            frames = [(0, faces.load_image(path))]
-        rows, crops = [], []
-        for i, rgb in frames:
-            if rgb.std() > 5:
-                rows.append({"frame": i, "face": 0, "fake_probability": float(rgb.mean() / 255), "box": [0, 0, 1, 1]})
-                crops.append(Image.fromarray(rgb).resize((64, 64)))
-        p = float(np.mean([r["fake_probability"] for r in rows])) if rows else None
-        label = "uncertain (no face)" if p is None else ("fake" if p >= self.threshold else "real")
-        out = {"input": str(path), "kind": "video" if faces.is_video(path) else "image", "label": label,
-               "fake_probability": p, "threshold": self.threshold, "frames": len(frames), "faces": len(rows),
-               "rows": rows, "crops": crops}
-        if gradcam:
-            out["gradcam"] = crops
-        return out
-
-
 @pytest.fixture(scope="module")
-def predictor():
-    return FakePredictor()
+def predictor(trained_run):
+    """The real Predictor on the tiny trained checkpoint; 4 frames per video keep the tests fast."""
+    from predict import Predictor
+    return Predictor(trained_run / "checkpoints" / "best.pt", frames=4)
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +158,8 @@ def test_uploads_never_left_behind_nor_named_by_client(client, face_jpg, tmp_pat
 
 
 def test_concurrent_requests_get_their_own_answers(client, faces_root, blank_png):
-    paths = sorted((faces_root / "real_data").glob("*.jpg"))[:2] + sorted((faces_root / "fake_data").glob("*.jpg"))[:2]
-    uploads = [(p.read_bytes(), p.name) for p in paths] + [(blank_png, "blank.png")] * 2
+    paths = sorted((faces_root / "real_data").glob("*.jpg"))[:2] + sorted((faces_root / "fake_data").glob("*.jpg"))[:1]
+    uploads = [(p.read_bytes(), p.name) for p in paths] + [(blank_png, "blank.png")]
     expected = [post(client, d, n).get_json() for d, n in uploads]
     results = [None] * len(uploads)
 
@@ -204,14 +180,16 @@ def webapp_client(client):
     return client.application.test_client()  # one client per thread, one shared app and model
 
 
-@pytest.mark.parametrize("make", [lambda p: None, lambda p: p.write_bytes(b"not a checkpoint")])
-def test_cli_bad_checkpoint_exits_2_in_one_line(tmp_path, make):
-    ckpt = tmp_path / "best.pt"
-    make(ckpt)
-    r = subprocess.run([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(ckpt), "--port", "0"],
-                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().count("\n") == 0 and str(ckpt) in r.stderr
+def test_cli_bad_checkpoint_exits_2_in_one_line(tmp_path):
+    missing, garbage = tmp_path / "missing.pt", tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    runs = [(ckpt, subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--checkpoint", str(ckpt), "--port", "0"],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path))
+            for ckpt in (missing, garbage)]  # side by side: each spends seconds importing torch
+    for ckpt, proc in runs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2 and "Traceback" not in err
+        assert err.strip().count("\n") == 0 and err.startswith(f"error: {ckpt}")
 
 
 # ----------------------------------------------------------------------------- real browser
