@@ -1,0 +1,157 @@
+"""predict.py: verdicts agree with training's evaluation, videos, no-face and bad inputs, outputs."""
+import csv
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+import dataset
+import engine
+import predict
+from model import DeepfakeDetector
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_predict(*argv):
+    return predict.main(predict.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def ckpt(trained_run):
+    return trained_run / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def test_split(trained_run, ckpt):
+    """The run's test images and P(fake) from engine.evaluate, prepared as main.py --evaluate_only does."""
+    args = engine.load_checkpoint(ckpt)["args"]
+    net = DeepfakeDetector(args["model"], "none")
+    net.load_state_dict(engine.load_checkpoint(ckpt)["model"])
+    data = dataset.prepare_data(args["data_root"], args["image_size"], net.mean, net.std, args["val_fraction"],
+                                args["test_fraction"], args["seed"], args["max_per_class"],
+                                args["cache_dir"], workers=0)
+    ds = data.datasets["test"]
+    amp = engine.autocast_dtype(torch.device("cpu"))
+    if amp is not None:
+        net.to(memory_format=torch.channels_last)
+    loader = torch.utils.data.DataLoader(ds, batch_size=16)
+    out = engine.evaluate(net, nn.CrossEntropyLoss(), loader, torch.device("cpu"), amp, amp is not None)
+    return [s.path for s in ds.samples], out["probs"]
+
+
+def test_no_crop_scores_match_training_evaluation(ckpt, test_split, tmp_path):
+    paths, expected = test_split
+    out = run_predict("--checkpoint", ckpt, "--input", *paths, "--no_crop", "--output", tmp_path / "p.csv")
+    rows = read_csv(tmp_path / "p.csv")
+    assert list(rows[0]) == predict.CSV_COLUMNS
+    got = {r["input"]: float(r["fake_probability"]) for r in rows}
+    # same pixels, same bf16 path: equal up to batch-size effects in the kernels (a skipped
+    # resize_square step, by contrast, moves these scores by ~0.007 on average)
+    np.testing.assert_allclose([got[p] for p in paths], expected, atol=1e-3)
+    threshold = float(rows[0]["threshold"])
+    assert threshold == pytest.approx(engine.load_checkpoint(ckpt)["threshold"])
+    assert all(r["label"] == ("fake" if float(r["fake_probability"]) >= threshold else "real") for r in rows)
+    assert len(out["results"]) == len(paths) and not out["errors"]
+
+
+def test_video_no_face_and_bad_inputs(ckpt, videos_root, tmp_path):
+    video = videos_root / "uadfv_0017_fake.mp4"
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.new("RGB", (320, 240), (128, 128, 128)).save(inputs / "gray.png")
+    (inputs / "notes.txt").write_text("not media")
+    (inputs / "broken.mp4").write_bytes(video.read_bytes()[:4000])  # header cut off mid-way
+    (inputs / "random.jpg").write_bytes(np.random.default_rng(0).bytes(3000))
+    out_dir = tmp_path / "results_path"  # no suffix: a folder, as in the seed project
+    out = run_predict("--checkpoint", ckpt, "--input", video, inputs, inputs / "notes.txt", "--frames", "4",
+                      "--output", out_dir)
+    by_name = {Path(r["input"]).name: r for r in out["results"]}
+    vid = by_name[video.name]
+    assert vid["kind"] == "video" and vid["frames"] == 4 and 1 <= vid["faces"] <= 4
+    assert vid["label"] in ("real", "fake")
+    assert vid["fake_probability"] == pytest.approx(np.mean([r["fake_probability"] for r in vid["rows"]]))
+    assert all(len(r["box"]) == 4 for r in vid["rows"])
+    gray = by_name["gray.png"]
+    assert gray["label"] == predict.NO_FACE and gray["fake_probability"] is None and gray["faces"] == 0
+    errors = dict(out["errors"])
+    for name in ("notes.txt", "broken.mp4", "random.jpg"):  # each named in its one-line message
+        assert any(name in k and name in v and "\n" not in v for k, v in errors.items()), name
+    rows = read_csv(out_dir / "predictions.csv")
+    frame_rows = [r for r in rows if r["row"] == "frame"]
+    assert len(frame_rows) == vid["faces"] and all(r["x1"] and r["input"] == str(video) for r in frame_rows)
+    assert {r["label"] for r in rows if r["row"] == "input"} >= {predict.NO_FACE, "error"}
+    saved = json.loads((out_dir / "predictions.json").read_text())
+    assert saved["threshold"] == pytest.approx(out["results"][0]["threshold"])
+    assert [i["input"] for i in saved["inputs"]] == [r["input"] for r in out["results"]]
+    with pytest.raises(SystemExit, match="overwrite"):  # earlier results are not replaced silently
+        run_predict("--checkpoint", ckpt, "--input", inputs / "gray.png", "--output", out_dir)
+
+
+def test_gradcam_files_and_refusal_to_overwrite(ckpt, faces_root, tmp_path):
+    images = sorted((faces_root / "fake_data").glob("*.jpg"))[:2]
+    cams = tmp_path / "cams"
+    run_predict("--checkpoint", ckpt, "--input", *images, "--gradcam", cams)
+    files = sorted(cams.iterdir())
+    assert [f.name for f in files] == [f"{p.stem}_f0000_0_gradcam.png" for p in images]
+    with Image.open(files[0]) as im:
+        assert im.width == 256 and im.height > 256  # the 256 px face crop plus a caption strip
+    with pytest.raises(SystemExit, match="overwrite"):
+        run_predict("--checkpoint", ckpt, "--input", *images, "--gradcam", cams)
+
+
+def test_predictor_is_thread_safe_and_returns_the_web_fields(ckpt, faces_root):
+    predictor = predict.Predictor(ckpt, no_crop=True)
+    images = sorted((faces_root / "real_data").glob("*.jpg"))[:4]
+    alone = [predictor.predict_file(p, gradcam=True) for p in images]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: predictor.predict_file(p, gradcam=True), images))
+    for a, b in zip(alone, together):
+        assert a["fake_probability"] == pytest.approx(b["fake_probability"], abs=1e-6)
+        assert len(b["gradcam"]) == len(b["crops"]) == len(b["rows"]) == 1
+        assert np.array_equal(np.asarray(a["gradcam"][0]), np.asarray(b["gradcam"][0]))
+        assert b["kind"] == "image" and b["rows"][0]["box"] is None and b["frames"] == 1
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "torchvision state_dict", "mismatched weights", "unknown model"])
+def test_wrong_checkpoint_gives_one_clear_line(ckpt, tmp_path, kind):
+    bad = tmp_path / "bad.pt"
+    if kind == "random bytes":
+        bad.write_bytes(np.random.default_rng(0).bytes(1000))
+    elif kind == "torchvision state_dict":
+        torch.save(DeepfakeDetector("resnet18", "none").backbone.state_dict(), bad)
+    else:
+        state = engine.load_checkpoint(ckpt)
+        if kind == "mismatched weights":
+            state["model"]["head.weight"] = torch.zeros(3, 7)
+        else:
+            state["args"]["model"] = "no_such_net"
+        torch.save(state, bad)
+    with pytest.raises(engine.CheckpointError) as err:
+        predict.Predictor(bad)
+    message = str(err.value)
+    assert str(bad) in message and "\n" not in message
+
+
+def test_exit_code_when_nothing_could_be_scored(ckpt, tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    cmd = [sys.executable, str(ROOT / "predict.py"), "--checkpoint", str(ckpt), "--no_crop", "--input"]
+    bad = subprocess.run(cmd + [str(tmp_path / "a.txt"), str(tmp_path / "missing.jpg")],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 1
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and "a.txt: not an image or video" in lines[0] and "missing.jpg: file not found" in lines[1]
+    with pytest.raises(SystemExit, match="none.pt: checkpoint not found"):  # sys.exit(message): code 1
+        run_predict("--checkpoint", tmp_path / "none.pt", "--input", tmp_path / "a.txt")
