@@ -41,7 +41,7 @@ IMAGE_EXTS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BM
 VIDEO_EXTS = {"mov,mp4,m4a,3gp,3g2,mj2": ".mp4", "matroska,webm": ".mkv", "avi": ".avi",
               "mpeg": ".mpg", "flv": ".flv", "asf": ".wmv"}
 # first bytes of those containers: tells a broken video (422) from something else (415)
-VIDEO_MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (0, b"RIFF"), (0, b"\x00\x00\x01\xba"),
+VIDEO_MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (8, b"AVI "), (0, b"\x00\x00\x01\xba"),
                (0, b"FLV"), (0, b"\x30\x26\xb2\x75"))
 NO_FACE = "uncertain (no face)"
 
@@ -73,7 +73,8 @@ def sniff(path, name):
         with av.open(str(path)) as container:
             fmt, has_video = container.format.name, bool(container.streams.video)
     except av.FFmpegError:
-        head = Path(path).open("rb").read(12)
+        with open(path, "rb") as f:
+            head = f.read(12)
         if any(head[at:at + len(magic)] == magic for at, magic in VIDEO_MAGIC):
             raise UploadError(422, f"{name}: a damaged video that cannot be opened; try re-encoding it "
                               "as MP4 (H.264)") from None
