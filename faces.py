@@ -25,12 +25,14 @@ Outputs in --output:
 """
 import argparse
 import csv
+import glob
 import math
 import multiprocessing as mp
 import os
 import re
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -81,7 +83,14 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
     if min_score is None:
         min_score = DEFAULT_MIN_SCORE[name]
     if name == "yunet":
+        # yuface's OpenMP threads spin while waiting; on a busy 2-core machine that made it
+        # 4-6x slower (200-300 vs 50 ms/frame).  Passive waiting fixes it.  libgomp reads the
+        # variable when yuface is first imported, so we set it only for that moment.
+        saved = os.environ.get("OMP_WAIT_POLICY")
+        os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
         import yuface
+        if saved is None:
+            del os.environ["OMP_WAIT_POLICY"]
 
         def raw(small):  # yuface wants BGR; its scores are 0-100, boxes are x, y, w, h
             scores, boxes, _ = yuface.detect(np.ascontiguousarray(small[:, :, ::-1]), conf=min_score)
@@ -320,10 +329,7 @@ def main(args) -> dict:
 
     # Decide what to do from file size, mtime and settings alone: done sources cost no decoding.
     todo, skipped, redo = [], [], set()
-    counts = {}
-    for p in sources:
-        counts[p.stem] = counts.get(p.stem, 0) + 1
-    clashes = {s for s, c in counts.items() if c > 1}
+    clashes = {stem for stem, n in Counter(p.stem for p in sources).items() if n > 1}
     for p in sources:
         st, key = p.stat(), str(p.resolve())
         old = state.get(key)
@@ -333,8 +339,8 @@ def main(args) -> dict:
             continue
         if old:  # reprocess: forget the old crops of this source first
             redo.add(old["source"])
-            for f in out.glob(f"{glob_escape(old['stem'])}_f*_*.jpg"):
-                if source_stem(f.name) == old["stem"]:
+            for f in out.glob(f"{glob.escape(old['stem'])}_f*_*.jpg"):
+                if (m := CROP_NAME.match(f.name)) and m["stem"] == old["stem"]:
                     f.unlink()
         stem = old["stem"] if old else unique_stem(p, clashes, taken)
         todo.append(dict(source=str(p), path=key, file_size=st.st_size, mtime=st.st_mtime_ns, settings=settings,
@@ -352,11 +358,15 @@ def main(args) -> dict:
         _init_worker(args.detector, min_score)
         results = map(process_source, todo)
     else:
-        pool = mp.Pool(workers, _init_worker, (args.detector, min_score, tqdm.get_lock()))
+        # "spawn", not fork: a forked child of a process that already ran yuface (OpenMP) hangs.
+        ctx = mp.get_context("spawn")
+        lock = ctx.RLock()  # shared by all bars, so lines from two processes do not interleave
+        tqdm.set_lock(lock)
+        pool = ctx.Pool(workers, _init_worker, (args.detector, min_score, lock))
         for i, job in enumerate(todo):
             job["slot"] = 1 + i % workers  # bar lines; two jobs may share one line for a moment
         results = pool.imap_unordered(process_source, todo)
-    overall = tqdm(results, total=len(todo), desc="sources", unit="src", position=0)
+    overall = tqdm(results, total=len(todo), desc="sources", unit="src", position=0, disable=not todo)
     for res in overall:
         src = res["source"]
         if res["error"]:
@@ -384,7 +394,8 @@ def main(args) -> dict:
     if workers > 1:
         pool.close()
         pool.join()
-    if args.preview and any(tiles.values()):
+    preview = args.preview and any(tiles.values())  # only sources processed in this run
+    if preview:
         # Round-robin over sources so every source shows up before the tile cap is reached.
         picked = [t for i in range(PREVIEW_PER_SOURCE) for ts in tiles.values() if i < len(ts) for t in ts[i:i + 1]]
         save_preview(picked[:PREVIEW_TILES], out / "preview.png")
@@ -395,18 +406,15 @@ def main(args) -> dict:
                          ("decoding stopped early", summary["partial"])]:
         if items:
             print(f"  {label}: " + ", ".join(items))
-    print(f"  output: {out}  (manifest.csv, no_faces.csv{', preview.png' if args.preview else ''})")
+    print(f"  output: {out}  (manifest.csv, no_faces.csv{', preview.png' if preview else ''})")
     return summary
-
-
-def glob_escape(s: str) -> str:
-    return re.sub(r"([\[\]*?])", r"[\1]", s)
 
 
 def benchmark(sources, n_frames) -> dict:
     """Detection frames/s per detector and clip, on frames sampled as in a normal run."""
     detectors = {name: load_detector(name) for name in ("yunet", "dlib")}
     table = {}
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one process; detection only")
     print(f"{'clip':32} {'size':>9} {'frames':>6} {'detector':>8} {'faces/fr':>8} {'ms/frame':>8} {'frames/s':>8}")
     for src in sources:
         try:

@@ -155,36 +155,74 @@ class Predictor:
 
     def predict_file(self, path, gradcam=False):
         """Verdict for one image or video; see the module docstring for the dict's keys."""
-        kind, items, read, warning = self._read(path)
-        crops = [crop for _, _, crop, _ in items]
-        tensors = [self.preprocess(c) for c in crops]
-        probs = self.score(tensors)
-        p = float(probs.mean()) if len(probs) else None  # the video rule: mean P(fake) over faces
-        result = {"input": str(path), "kind": kind, "fake_probability": p, "threshold": self.threshold,
-                  "label": NO_FACE if p is None else self.classes[int(p >= self.threshold)],
-                  "frames": read, "faces": len(items), "crops": crops,
-                  "rows": [{"frame": f, "face": k, "fake_probability": float(q), "box": box}
-                           for (f, k, _, box), q in zip(items, probs)]}
-        if warning:
-            result["warning"] = f"{path}: {warning}"
-        if gradcam:
-            result["gradcam"] = self.gradcam_overlays(crops, tensors, result["rows"], kind)
+        [(_, result)] = self.predict_many([path], gradcam)
+        if isinstance(result, Exception):
+            raise result
         return result
 
-    def gradcam_overlays(self, crops, tensors, rows, kind="image"):
-        """One heatmap overlay per face with its score; [] (and gradcam_error set) if unsupported."""
+    def predict_many(self, paths, gradcam=False):
+        """Yield (path, result dict or the MediaError/ValueError/OSError it raised) in input order.
+
+        Faces of consecutive inputs share batches: a folder of photos is scored batch_size at a
+        time instead of one image per forward pass.
+        """
+        pending, n_faces = [], 0
+        for path in paths:
+            try:
+                read = self._read(path)
+                n_faces += len(read[1])
+            except (faces.MediaError, ValueError, OSError) as e:
+                read = e
+            pending.append((path, read))
+            if n_faces >= self.batch_size:
+                yield from self._finish(pending, gradcam)
+                pending, n_faces = [], 0
+        yield from self._finish(pending, gradcam)
+
+    def _finish(self, pending, gradcam):
+        """Score the faces of the pending inputs together, then build one result per input."""
+        tensors = [self.preprocess(crop) for _, read in pending if not isinstance(read, Exception)
+                   for _, _, crop, _ in read[1]]
+        probs = self.score(tensors)
+        maps = self.gradcam_maps(tensors) if gradcam else None
+        i = 0
+        for path, read in pending:
+            if isinstance(read, Exception):
+                yield path, read
+                continue
+            kind, items, n_read, warning = read
+            p, q = (float(probs[i:i + len(items)].mean()) if items else None), probs[i:i + len(items)]
+            result = {"input": str(path), "kind": kind, "fake_probability": p, "threshold": self.threshold,
+                      "label": NO_FACE if p is None else self.classes[int(p >= self.threshold)],  # mean rule
+                      "frames": n_read, "faces": len(items), "crops": [crop for _, _, crop, _ in items],
+                      "rows": [{"frame": f, "face": k, "fake_probability": float(x), "box": box}
+                               for (f, k, _, box), x in zip(items, q)]}
+            if warning:
+                result["warning"] = f"{path}: {warning}"
+            if gradcam:
+                result["gradcam"] = [] if maps is None else self.overlays(result, maps[i:i + len(items)])
+            i += len(items)
+            yield path, result
+
+    def gradcam_maps(self, tensors):
+        """(N, S, S) Grad-CAM maps of the fake logit, or None (and gradcam_error set) if unsupported."""
         with self._model_lock:
             if self._cam is None and self.gradcam_error is None:
                 try:
                     self._cam = gradcam.GradCAM(self.model)
                 except gradcam.GradCAMUnsupported as e:
                     self.gradcam_error = str(e)
-            if self._cam is None or not tensors:
-                return []
-            maps = torch.cat([self._cam(torch.stack(tensors[i:i + self.batch_size]).to(self.device))
-                              for i in range(0, len(tensors), self.batch_size)])
-        return [gradcam.overlay(c, m.numpy(), (f"frame {r['frame']}  " if kind == "video" else "")
-                                + f"P(fake) {r['fake_probability']:.3f}") for c, m, r in zip(crops, maps, rows)]
+            if self._cam is None:
+                return None
+            return torch.cat([self._cam(torch.stack(tensors[i:i + self.batch_size]).to(self.device))
+                              for i in range(0, len(tensors), self.batch_size)] or [torch.zeros(0)])
+
+    def overlays(self, result, maps):
+        """One heatmap overlay per face of a result, captioned with its score and verdict."""
+        captions = [(f"frame {r['frame']}  " if result["kind"] == "video" else "") + f"P(fake) "
+                    f"{r['fake_probability']:.3f} {self.classes[int(r['fake_probability'] >= self.threshold)]}"
+                    for r in result["rows"]]
+        return [gradcam.overlay(c, m.numpy(), text) for c, m, text in zip(result["crops"], maps, captions)]
 
 
 # ----------------------------------------------------------------------------- command line
@@ -270,12 +308,10 @@ def main(args):
         gradcam_dir.mkdir(parents=True, exist_ok=True)
     stems, clashes = set(), {f.stem for f in files if sum(g.stem == f.stem for g in files) > 1}
     results, start = [], time.perf_counter()
-    for path in files:
-        try:
-            r = predictor.predict_file(path, gradcam=gradcam_dir is not None)
-        except (faces.MediaError, ValueError, OSError) as e:  # one line, then the next input
-            print(f"error: {e}", file=sys.stderr)
-            errors.append((str(path), str(e)))
+    for path, r in predictor.predict_many(files, gradcam=gradcam_dir is not None):
+        if isinstance(r, Exception):  # one line, then the next input
+            print(f"error: {r}", file=sys.stderr)
+            errors.append((str(path), str(r)))
             continue
         results.append(r)
         p = "-" if r["fake_probability"] is None else f"{r['fake_probability']:.3f}"
@@ -332,7 +368,7 @@ def benchmark_inference(checkpoint, images, batch_size=32, device="auto", image_
              f"batch {batch_size}", default, batch_size)]
     print(f"{len(x)} face crops at {image_size} px on {device} ({torch.get_num_threads()} threads); model only")
     print(f"{'path':<64} {'img/s':>8} {'vs first':>8}")
-    speeds = dict.fromkeys(name for name, _, _ in rows, 0.0)
+    speeds = dict.fromkeys([name for name, _, _ in rows], 0.0)
     for name, fn, bs in rows:
         fn(x[:bs])  # warm-up: first calls pick kernels and allocate
     for _ in range(repeats):  # rows take turns, so a busy moment on the machine hits all of them

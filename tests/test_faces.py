@@ -1,0 +1,233 @@
+"""Tests for faces.py: frame sampling, cropping, manifest, bad inputs and re-runs.
+
+Uses the shared clips and face photos in ../shared/data (skipped when absent) and
+small videos written here with PyAV.  Run: python -m pytest -q tests/test_faces.py
+"""
+import csv
+import sys
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import faces  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VIDEOS = DATA / "videos"
+LABELLED = ["real_facenet_example.mp4", "real_hamilton_clip.mp4", "uadfv_0017_fake.mp4", "dfdc_widuwuoiur_fake.mp4"]
+
+
+def need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"shared data not found: {path} (expected next to the project folder)")
+    return path
+
+
+def write_video(path: Path, frames, rate: int = 10, codec: str = "mpeg4") -> Path:
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=rate)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for rgb in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(stream.encode())
+    return path
+
+
+def face_photo(i: int = 1) -> np.ndarray:
+    return np.asarray(Image.open(need(DATA / "faces140k" / "real_data" / f"{i:05d}.jpg")).convert("RGB"))
+
+
+def face_scene(n: int, w: int = 480, h: int = 360) -> list:
+    """A real face photo pasted on grey, drifting to the right, as n frames."""
+    face = np.asarray(Image.fromarray(face_photo()).resize((160, 160)))
+    frames = []
+    for i in range(n):
+        rgb = np.full((h, w, 3), 90, np.uint8)
+        x = 60 + 10 * i
+        rgb[100:260, x:x + 160] = face
+        frames.append(rgb)
+    return frames
+
+
+def run(inputs, output, *extra):
+    args = faces.get_args_parser().parse_args(
+        ["--input", *map(str, inputs), "--output", str(output), "--workers", "1", *extra])
+    return faces.main(args)
+
+
+def manifest(out: Path) -> list[dict]:
+    with open(out / "manifest.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+    d = tmp_path_factory.mktemp("media")
+    write_video(d / "face.mp4", face_scene(12))
+    write_video(d / "blank.mp4", [np.full((120, 160, 3), 128, np.uint8)] * 8)
+    Image.new("RGB", (200, 150), "white").save(d / "blank_photo.png")
+    Image.fromarray(face_photo(2)).save(d / "photo.jpg")
+    (d / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20000))
+    (d / "truncated.mp4").write_bytes((d / "face.mp4").read_bytes()[:3000])
+    (d / "notes.txt").write_text("not media")
+    return d
+
+
+def test_sample_frames_count_spread_and_content(tmp_path):
+    # frame i has brightness 5*i, so we can check the index is the frame actually returned
+    frames = [np.full((48, 64, 3), 5 * i, np.uint8) for i in range(40)]
+    for ext in ("mp4", "mkv"):  # mkv stores no frame count: the duration x rate estimate is used
+        video = write_video(tmp_path / f"ramp.{ext}", frames)
+        got = list(faces.sample_frames(video, 5))
+        assert [i for i, _ in got] == [0, 10, 20, 29, 39]
+        for i, rgb in got:
+            assert rgb.shape == (48, 64, 3) and rgb.dtype == np.uint8
+            assert abs(float(rgb.mean()) - 5 * i) < 4
+        # a video shorter than the request gives every frame once
+        assert [i for i, _ in faces.sample_frames(video, 100)] == list(range(40))
+    with av.open(str(tmp_path / "ramp.mkv")) as c:
+        assert c.streams.video[0].frames == 0
+
+
+def test_sample_frames_corrupt_raises(media):
+    for name in ("random.mp4", "truncated.mp4"):
+        with pytest.raises(faces.MediaError, match=name):
+            list(faces.sample_frames(media / name, 4))
+
+
+def test_crop_faces_box_inside_face_and_largest_first():
+    face = face_photo()
+    rgb = np.full((600, 900, 3), 60, np.uint8)
+    rgb[50:306, 500:756] = face  # large face
+    small = np.asarray(Image.fromarray(face).resize((128, 128)))
+    rgb[400:528, 100:228] = small  # small face
+    det = faces.load_detector("yunet")
+    crops = faces.crop_faces(rgb, det, margin=1.3, size=64, all_faces=True)
+    assert len(crops) == 2
+    (img0, b0), (_, b1) = crops
+    assert img0.size == (64, 64)
+    assert 500 <= b0[0] < b0[2] <= 756 and 50 <= b0[1] < b0[3] <= 306  # box on the big face
+    assert 100 <= b1[0] < b1[2] <= 228 and 400 <= b1[1] < b1[3] <= 528
+    assert len(faces.crop_faces(rgb, det)) == 1  # default: the largest face only
+    # a face cut by the image border still gives a full-size crop (padded, not shifted)
+    edge = np.ascontiguousarray(rgb[30:330, 480:760])
+    [(img, box)] = faces.crop_faces(edge, det, size=100)
+    assert img.size == (100, 100) and 0 <= box[0] and box[2] <= edge.shape[1]
+
+
+def test_detector_boxes_map_to_full_resolution():
+    # 2000 px wide: detection runs on an 800 px copy, boxes must come back in full-size pixels
+    rgb = np.full((1000, 2000, 3), 60, np.uint8)
+    rgb[400:912, 1200:1712] = np.asarray(Image.fromarray(face_photo()).resize((512, 512)))
+    for name in ("yunet", "dlib"):
+        [(x0, y0, x1, y1, score)] = faces.load_detector(name)(rgb)[:1]
+        assert 1200 <= x0 < x1 <= 1712 and 400 <= y0 < y1 <= 912, name
+        assert (x1 - x0) > 200, name
+
+
+def test_labelled_clips_yield_crops_and_manifest_matches_disk(tmp_path):
+    clips = [need(VIDEOS / c) for c in LABELLED]
+    out = tmp_path / "out"
+    summary = faces.main(faces.get_args_parser().parse_args(
+        ["--input", *map(str, clips), "--output", str(out), "--frames", "4", "--size", "128", "--workers", "2"]))
+    assert summary["processed"] == len(clips) and not summary["unreadable"]
+    rows = manifest(out)
+    with open(out / "manifest.csv") as f:
+        assert f.readline().strip() == "file,source,frame,face,x0,y0,x1,y1,score,detector"
+    assert {r["file"] for r in rows} == {p.name for p in out.glob("*.jpg")}
+    assert len(rows) == len({r["file"] for r in rows})
+    for clip in clips:
+        mine = [r for r in rows if r["source"] == str(clip)]
+        assert len(mine) >= 3, clip  # a face is visible in (nearly) every sampled frame
+        assert all(r["file"].startswith(clip.stem + "_f") for r in mine)
+    for r in rows:
+        assert Image.open(out / r["file"]).size == (128, 128)
+        assert faces.source_stem(r["file"]) == Path(r["source"]).stem
+        assert int(r["x0"]) < int(r["x1"]) and int(r["y0"]) < int(r["y1"]) and float(r["score"]) >= 0.6
+        assert r["detector"] == "yunet"
+
+
+def test_bad_and_faceless_inputs_are_reported_and_others_processed(media, tmp_path, capsys):
+    out = tmp_path / "out"
+    inputs = [media / "random.mp4", media / "truncated.mp4", media / "notes.txt", media / "missing.mp4",
+              media / "face.mp4", media / "blank.mp4", media / "blank_photo.png", media / "photo.jpg"]
+    s = run(inputs, out, "--frames", "4", "--preview")
+    err = capsys.readouterr().err
+    for name in ("random.mp4", "truncated.mp4", "notes.txt", "missing.mp4"):
+        assert name in err
+        assert any(name in u for u in s["unreadable"])
+    assert s["processed"] == 4
+    assert sorted(Path(p).name for p in s["no_face_sources"]) == ["blank.mp4", "blank_photo.png"]
+    assert s["no_face_frames"] == 4 + 1
+    listed = list(csv.DictReader(open(out / "no_faces.csv")))
+    assert sum(r["source"].endswith("blank.mp4") and r["reason"] == "no_face" for r in listed) == 4
+    assert any(r["source"].endswith("blank_photo.png") and r["frame"] == "0" for r in listed)
+    assert any(r["source"].endswith("random.mp4") and r["reason"].startswith("unreadable") for r in listed)
+    files = {r["file"] for r in manifest(out)}
+    assert "photo_f0000_0.jpg" in files and sum(f.startswith("face_f") for f in files) == 4
+    assert (out / "preview.png").exists()
+
+
+def test_rerun_does_no_work_and_settings_change_redoes(media, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    inputs = [media / "face.mp4", media / "photo.jpg", media / "blank.mp4"]
+    first = run(inputs, out, "--frames", "3")
+    assert first["processed"] == 3
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    def boom(*a, **k):
+        raise AssertionError("decoded a source that was already done")
+    monkeypatch.setattr(faces, "sample_frames", boom)
+    monkeypatch.setattr(faces, "load_image", boom)
+    again = run(inputs, out, "--frames", "3")
+    assert again["processed"] == 0 and len(again["skipped"]) == 3
+    assert "skipped (already done) 3" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".jpg"} == \
+        {k: v for k, v in before.items() if k.endswith(".jpg")}
+    monkeypatch.undo()
+
+    # other settings replace the crops of that source instead of mixing two versions
+    redo = run(inputs[:1], out, "--frames", "2")
+    assert redo["processed"] == 1
+    rows = manifest(out)
+    assert sum(r["source"] == str(inputs[0]) for r in rows) == 2
+    assert {r["file"] for r in rows} == {p.name for p in out.glob("*.jpg")}
+    assert run(inputs[:1], out, "--frames", "2", "--overwrite")["processed"] == 1
+    assert len(manifest(out)) == len(rows)
+
+
+def test_crop_names_recover_source_and_same_stems_get_unique_names(media, tmp_path):
+    assert faces.source_stem("clip_f0003_0.jpg") == "clip"
+    assert faces.source_stem("my_f1_video_f0120_2.jpg") == "my_f1_video"
+    with pytest.raises(ValueError):
+        faces.source_stem("clip.jpg")
+    for sub in ("a", "b"):  # two different videos both called face.mp4
+        (tmp_path / sub).mkdir()
+        (tmp_path / sub / "face.mp4").write_bytes((media / "face.mp4").read_bytes())
+    out = tmp_path / "out"
+    run([tmp_path / "a", tmp_path / "b"], out, "--frames", "2")
+    rows = manifest(out)
+    by_stem = {}
+    for r in rows:
+        by_stem.setdefault(faces.source_stem(r["file"]), set()).add(r["source"])
+    assert len(by_stem) == 2 and all(len(s) == 1 for s in by_stem.values())
+    assert sorted(by_stem) == ["a_face", "b_face"]
+    # a later run with another face.mp4 must not overwrite the crops already there
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "face.mp4").write_bytes((media / "face.mp4").read_bytes())
+    run([tmp_path / "c" / "face.mp4"], out, "--frames", "2")
+    stems = {faces.source_stem(r["file"]) for r in manifest(out)}
+    assert len(stems) == 3 and len(manifest(out)) == 6
+
+
+def test_is_video_is_image_and_parser_help():
+    assert faces.is_video("x/clip.MP4") and not faces.is_video("x/a.jpg")
+    assert faces.is_image("a.JPEG") and not faces.is_image("a.mov")
+    helps = {a.dest: a.help for a in faces.get_args_parser()._actions if a.dest != "help"}
+    assert all(h for h in helps.values())
+    args = faces.get_args_parser().parse_args(["--input", "x", "--output", "y"])
+    assert (args.frames, args.margin, args.size, args.detector) == (32, 1.3, 256, "yunet")
