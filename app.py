@@ -34,6 +34,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import engine
 from faces import MediaError
+from main import _positive  # the same flag check as training
+from predict import NO_FACE, Predictor
 
 # Pillow format -> the extension predict.py reads as an image (GIF and friends are refused)
 IMAGE_EXTS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
@@ -43,7 +45,6 @@ VIDEO_EXTS = {"mov,mp4,m4a,3gp,3g2,mj2": ".mp4", "matroska,webm": ".mkv", "avi":
 # first bytes of those containers: tells a broken video (422) from something else (415)
 VIDEO_MAGIC = ((4, b"ftyp"), (0, b"\x1a\x45\xdf\xa3"), (8, b"AVI "), (0, b"\x00\x00\x01\xba"),
                (0, b"FLV"), (0, b"\x30\x26\xb2\x75"))
-NO_FACE = "uncertain (no face)"
 
 
 class UploadError(Exception):
@@ -120,7 +121,6 @@ def to_json(result, name, max_images):
 def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0, max_images=8):
     """The Flask app around one loaded Predictor (or a checkpoint path to load one from)."""
     if isinstance(predictor, (str, Path)):
-        from predict import Predictor
         checkpoint, predictor = predictor, Predictor(predictor)
     app = Flask(__name__)
     # hard cap for the whole request (the biggest kind + room for the multipart wrapping);
@@ -198,34 +198,34 @@ def get_args_parser():
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision, as in main.py (default: auto)")
     g.add_argument("--detector", default="yunet", choices=["yunet", "dlib"], help="face detector (default: yunet)")
-    g.add_argument("--frames", type=int, default=16, help="frames sampled per video; fewer than predict.py's "
+    g.add_argument("--frames", type=_positive(int), default=16, help="frames sampled per video; fewer than predict.py's "
                    "32 so a CPU answers in seconds (default: 16)")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for your network "
                    "(default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    g.add_argument("--max_image_mb", type=float, default=10, help="largest image upload in MB (default: 10)")
-    g.add_argument("--max_video_mb", type=float, default=50, help="largest video upload in MB (default: 50)")
-    g.add_argument("--max_images", type=int, default=8, help="face crops + heatmaps returned per upload, "
+    g.add_argument("--max_image_mb", type=_positive(float), default=10, help="largest image upload in MB (default: 10)")
+    g.add_argument("--max_video_mb", type=_positive(float), default=50, help="largest video upload in MB (default: 50)")
+    g.add_argument("--max_images", type=_positive(int), default=8, help="face crops + heatmaps returned per upload, "
                    "spread over the video (default: 8)")
     return parser
 
 
 def main(args):
-    from predict import Predictor
     try:
         predictor = Predictor(args.checkpoint, device=args.device, precision=args.precision,
                               detector=args.detector, frames=args.frames)
-    except (engine.CheckpointError, MediaError, ValueError) as e:
+    except (engine.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # the detector's package is missing (yuface has no wheel for every Python)
+        print(f"error: face detector {args.detector} unavailable ({e}); try --detector dlib", file=sys.stderr)
         return 2
     app = create_app(predictor, args.checkpoint, args.max_image_mb, args.max_video_mb, args.max_images)
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl-C to stop)")
-    try:
-        app.run(host=args.host, port=args.port, debug=False, threaded=True)  # never debug: it runs code
-    except OSError as e:  # port taken, address not available
-        print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
-        return 2
+    # never debug mode: its console runs any code a visitor types. A taken port or unknown
+    # host is reported by werkzeug itself on one line (exit code 1).
+    app.run(host=args.host, port=args.port, debug=False, threaded=True)
     return 0
 
 
