@@ -76,6 +76,12 @@ def test_health_and_page(client, predictor):
     assert client.get("/nope").get_json()["error"].startswith("404")
 
 
+def test_create_app_from_checkpoint_path(trained_run, predictor):
+    ckpt = trained_run / "checkpoints" / "best.pt"
+    health = webapp.create_app(ckpt).test_client().get("/health").get_json()
+    assert health["checkpoint"] == str(ckpt) and health["threshold"] == predictor.threshold
+
+
 def test_face_image_scored_by_predict_file(client, predictor, face_jpg):
     r = post(client, face_jpg.read_bytes(), "my face.jpg")
     assert r.status_code == 200, r.get_json()
