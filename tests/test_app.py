@@ -204,10 +204,14 @@ CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
                 "--no-first-run", "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# a mark, not a skip inside the fixture: it skips before the session's training run is set up
+needs_chromium = pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+                                    reason=f"{CHROMIUM} or {CHROMEDRIVER} missing: "
+                                    "apt-get install chromium chromium-driver")
+
+
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip(f"{CHROMIUM} or {CHROMEDRIVER} missing: apt-get install chromium chromium-driver")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     options = webdriver.ChromeOptions()
@@ -252,6 +256,7 @@ def analyze(driver, path):
                                     or d.find_element(By.ID, "error").is_displayed())
 
 
+@needs_chromium
 def test_browser_upload_shows_verdict_bar_heatmap(browser, server, predictor, face_jpg, tmp_path):
     from selenium.webdriver.common.by import By
     browser.get(server)
@@ -277,6 +282,7 @@ def test_browser_upload_shows_verdict_bar_heatmap(browser, server, predictor, fa
     assert (tmp_path / "phone_image.png").stat().st_size > 10_000
 
 
+@needs_chromium
 def test_browser_garbage_upload_shows_message_then_works_again(browser, server, face_jpg, tmp_path):
     from selenium.webdriver.common.by import By
     browser.get(server)
