@@ -21,7 +21,7 @@ Outputs in --output:
                    of one `source` in the same train/val/test split.
     no_faces.csv   source,frame,reason for every frame without a face and every unreadable file
     sources.csv    what was processed with which settings, so a re-run skips it
-    preview.png    (--preview) sampled frames with boxes, next to the crop taken
+    preview.png    (--preview) sampled frames with the crop squares drawn, next to the crop taken
 """
 import argparse
 import csv
@@ -100,7 +100,7 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
         hog = dlib.get_frontal_face_detector()  # HOG + linear SVM, no model file needed
 
         def raw(small):  # upsample once: HOG misses faces under ~80 px otherwise
-            rects, scores, _ = hog.run(small, 1, min_score)
+            rects, scores, _ = hog.run(np.ascontiguousarray(small), 1, min_score)
             return [(r.left(), r.top(), r.right() + 1, r.bottom() + 1, s) for r, s in zip(rects, scores)]
     else:
         raise ValueError(f"unknown detector {name!r} (use yunet or dlib)")
@@ -122,13 +122,20 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
     return detect
 
 
-def crop_square(box: Box, margin: float = 1.3) -> tuple[int, int, int, int]:
-    """Square of side margin * max(w, h) centred on the box (may reach outside the image)."""
+def crop_square(box: Box, width: int, height: int, margin: float = 1.3) -> tuple[int, int, int, int]:
+    """Square of side margin * max(box w, h) around the box centre, moved to lie inside the image.
+
+    Where the square would leave the image we shift it inside (and shrink it to the image if it
+    is larger) instead of padding with black or repeated edge pixels.  Padding is made-up
+    content, and it would show up mostly in one kind of source (tightly framed photo sets such
+    as faces140k), which a real/fake classifier could learn as a shortcut.  The price: a face
+    at the border sits a little off-centre in its crop.
+    """
     x0, y0, x1, y1 = box[:4]
-    side = margin * max(x1 - x0, y1 - y0)
-    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    left, top = round(cx - side / 2), round(cy - side / 2)
-    return left, top, left + round(side), top + round(side)
+    side = min(round(margin * max(x1 - x0, y1 - y0)), width, height)
+    left = min(max(round((x0 + x1 - side) / 2), 0), width - side)
+    top = min(max(round((y0 + y1 - side) / 2), 0), height - side)
+    return left, top, left + side, top + side
 
 
 def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
@@ -136,10 +143,7 @@ def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
     """Square face crops resized to size x size, largest face first."""
     boxes = sorted(detector(rgb), key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
     image = Image.fromarray(rgb)
-    # Where the square leaves the image, PIL's crop pads with black.  We pad rather than
-    # shift the square inside, so every face is centred at the same scale: a shifted crop
-    # would teach the classifier that faces near the border sit off-centre.
-    return [(image.crop(crop_square(b, margin)).resize((size, size), Image.BICUBIC), b)
+    return [(image.crop(crop_square(b, image.width, image.height, margin)).resize((size, size), Image.BICUBIC), b)
             for b in (boxes if all_faces else boxes[:1])]
 
 
@@ -172,9 +176,13 @@ def sample_frames(video_path, n_frames: int = 32) -> Iterator[tuple[int, np.ndar
             for index, frame in enumerate(container.decode(stream)):
                 if index in wanted_set:  # convert only the kept frames: the costly step
                     got += 1
-                    yield index, frame.to_ndarray(format="rgb24")
+                    rgb = frame.to_ndarray(format="rgb24")
+                    # Phone videos store "turn by 90" in a display matrix; upright faces detect best.
+                    # rotation = degrees counterclockwise to display; np.rot90 turns counterclockwise.
+                    yield index, np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90))) \
+                        if frame.rotation else rgb
                 if index >= last:
-                    break  # an estimated total may be too high: we simply yield fewer frames
+                    break  # a wrong estimated total means a few frames more or fewer: accepted
             if got == 0:
                 raise MediaError(f"{video_path}: no decodable frames")
     except av.FFmpegError as e:  # includes InvalidDataError for random bytes / truncation
@@ -186,12 +194,12 @@ def load_image(path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except Exception as e:  # broken files raise OSError, SyntaxError, struct.error, ...
         raise MediaError(f"{path}: {e}") from e
 
 
-def find_sources(inputs, output: Path) -> tuple[list[Path], list[str]]:
-    """Media files under the inputs (folders recurse) and a list of problems found."""
+def find_sources(inputs, output: Path) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Media files under the inputs (folders recurse) and (path, problem) for bad inputs."""
     sources, problems, out = [], [], output.resolve()
     for given in map(Path, inputs):
         if given.is_dir():
@@ -201,7 +209,7 @@ def find_sources(inputs, output: Path) -> tuple[list[Path], list[str]]:
         elif given.is_file() and (is_video(given) or is_image(given)):
             sources.append(given)
         else:
-            problems.append(f"{given}: {'not found' if not given.exists() else 'not a video or image'}")
+            problems.append((str(given), "not found" if not given.exists() else "not a video or image"))
     unique = list(dict.fromkeys(sources))  # the same file given twice is one source
     return unique, problems
 
@@ -222,12 +230,9 @@ def process_source(job: dict) -> dict:
     """Crop faces from one video or photo; write the JPEGs, return rows for the CSVs."""
     src, stem, out = job["source"], job["stem"], Path(job["output"])
     res = dict(job, status="ok", frames=0, rows=[], no_face=[], error=None, tiles=[])
-    if is_video(src):
-        frames, bar = sample_frames(src, job["frames"]), tqdm(
-            total=job["frames"], desc=Path(src).name[:30], unit="fr", leave=False,
-            position=job.get("slot", 1), disable=job.get("quiet", False))
-    else:
-        frames, bar = None, None
+    frames = sample_frames(src, job["frames"]) if is_video(src) else None
+    bar = None if frames is None else tqdm(total=job["frames"], desc=Path(src).name[:30], unit="fr",
+                                           leave=False, position=job.get("slot", 1))
     tile_every = max(1, job["frames"] // PREVIEW_PER_SOURCE)
     try:
         for index, rgb in frames if frames is not None else [(0, load_image(src))]:
@@ -244,9 +249,10 @@ def process_source(job: dict) -> dict:
             res["frames"] += 1
             if bar:
                 bar.update()
-    except MediaError as e:
-        # Unreadable from the start: report it.  A truncated video keeps what was decoded.
+    except MediaError as e:  # unreadable from the start, or a truncated video: keep what was decoded
         res["status"], res["error"] = ("partial" if res["frames"] else "unreadable"), str(e)
+    except Exception as e:  # anything else odd in one file: report it, go on; a re-run retries it
+        res["status"], res["error"] = "unreadable", f"{src}: {type(e).__name__}: {e}"
     finally:
         if bar:
             bar.close()
@@ -258,18 +264,18 @@ def process_source(job: dict) -> dict:
 def _tile(rgb, crops, margin, label, h=160) -> Image.Image:
     """Preview tile: the frame with crop squares drawn, the largest crop beside it, a label."""
     frame = Image.fromarray(rgb)
-    s = h / frame.height
-    frame = frame.resize((min(round(frame.width * s), 2 * h), h))
-    sx = frame.width / rgb.shape[1]
+    fw, fh = frame.size
+    frame = frame.resize((min(round(fw * h / fh), 2 * h), h))  # very wide frames get squeezed
+    sx, sy = frame.width / fw, h / fh
+    draw = ImageDraw.Draw(frame)
+    for i, (_, box) in enumerate(crops):
+        x0, y0, x1, y1 = crop_square(box, fw, fh, margin)
+        draw.rectangle([x0 * sx, y0 * sy, x1 * sx, y1 * sy], outline="lime" if i == 0 else "yellow", width=2)
     tile = Image.new("RGB", (frame.width + h, h + 18), "white")
     tile.paste(frame, (0, 0))
-    draw = ImageDraw.Draw(tile)
-    for i, (_, box) in enumerate(crops):
-        draw.rectangle([v * (sx if k % 2 == 0 else s) for k, v in enumerate(crop_square(box, margin))],
-                       outline="lime" if i == 0 else "yellow", width=2)
     if crops:
         tile.paste(crops[0][0].resize((h, h)), (frame.width, 0))
-    draw.text((2, h + 2), label + ("" if crops else "  NO FACE"), fill="black" if crops else "red",
+    ImageDraw.Draw(tile).text((2, h + 2), label + ("" if crops else "  NO FACE"), fill="black" if crops else "red",
               font=ImageFont.load_default(size=13))
     return tile
 
@@ -311,25 +317,16 @@ def unique_stem(path: Path, clashes: set[str], taken: set[str]) -> str:
     return candidate
 
 
-def main(args) -> dict:
-    out = Path(args.output)
-    sources, problems = find_sources(args.input, out)
-    for p in problems:
-        print(f"WARNING: skipping {p}", file=sys.stderr)
-    if args.benchmark:
-        return benchmark(sources, args.frames)
-    out.mkdir(parents=True, exist_ok=True)
-    min_score = DEFAULT_MIN_SCORE[args.detector] if args.min_score is None else args.min_score
-    settings = (f"frames={args.frames} margin={args.margin} size={args.size} detector={args.detector} "
-                f"all_faces={int(args.all_faces)} min_score={min_score}")
-    paths = [out / "manifest.csv", out / "no_faces.csv", out / "sources.csv"]
+def plan_jobs(sources, out: Path, settings: str, args, paths) -> tuple[list[dict], list[str]]:
+    """Jobs for sources not yet done with these settings; forget old results of sources redone.
+
+    Decided from path, size, mtime and settings alone, so done sources cost no decoding.
+    """
     manifest, no_faces = read_csv(paths[0]), read_csv(paths[1])
     state = {r["path"]: r for r in read_csv(paths[2])}  # later rows win
     taken = {r["stem"] for r in state.values()} | {source_stem(r["file"]) for r in manifest}
-
-    # Decide what to do from file size, mtime and settings alone: done sources cost no decoding.
-    todo, skipped, redo = [], [], set()
     clashes = {stem for stem, n in Counter(p.stem for p in sources).items() if n > 1}
+    todo, skipped, redo = [], [], set()
     for p in sources:
         st, key = p.stat(), str(p.resolve())
         old = state.get(key)
@@ -337,67 +334,89 @@ def main(args) -> dict:
                 and old["size"] == str(st.st_size) and old["mtime"] == str(st.st_mtime_ns)):
             skipped.append(str(p))
             continue
-        if old:  # reprocess: forget the old crops of this source first
+        if old:  # redo (--overwrite, new settings, changed file): delete its old crops first
             redo.add(old["source"])
             for f in out.glob(f"{glob.escape(old['stem'])}_f*_*.jpg"):
                 if (m := CROP_NAME.match(f.name)) and m["stem"] == old["stem"]:
                     f.unlink()
-        stem = old["stem"] if old else unique_stem(p, clashes, taken)
         todo.append(dict(source=str(p), path=key, file_size=st.st_size, mtime=st.st_mtime_ns, settings=settings,
-                         stem=stem, output=str(out), frames=args.frames, margin=args.margin, size=args.size,
-                         detector=args.detector, all_faces=args.all_faces, preview=args.preview))
+                         stem=old["stem"] if old else unique_stem(p, clashes, taken), output=str(out),
+                         frames=args.frames, margin=args.margin, size=args.size, detector=args.detector,
+                         all_faces=args.all_faces, preview=args.preview))
     write_csv(paths[0], MANIFEST_COLUMNS, [r for r in manifest if r["source"] not in redo])
     write_csv(paths[1], NO_FACE_COLUMNS, [r for r in no_faces if r["source"] not in redo])
     write_csv(paths[2], STATE_COLUMNS, [r for r in state.values() if r["source"] not in redo])
+    return todo, skipped
 
-    summary = dict(processed=0, skipped=skipped, frames=0, crops=0, no_face_frames=0, no_face_sources=[],
-                   unreadable=[p.split(":")[0] for p in problems], partial=[])
-    tiles = {}
+
+def run_jobs(todo: list[dict], args, min_score: float) -> Iterator[dict]:
+    """Results of process_source, in completion order; a process pool when --workers > 1."""
     workers = max(1, min(args.workers, len(todo)))
     if workers == 1:
         _init_worker(args.detector, min_score)
-        results = map(process_source, todo)
-    else:
-        # "spawn", not fork: a forked child of a process that already ran yuface (OpenMP) hangs.
-        ctx = mp.get_context("spawn")
-        lock = ctx.RLock()  # shared by all bars, so lines from two processes do not interleave
-        tqdm.set_lock(lock)
-        pool = ctx.Pool(workers, _init_worker, (args.detector, min_score, lock))
-        for i, job in enumerate(todo):
-            job["slot"] = 1 + i % workers  # bar lines; two jobs may share one line for a moment
-        results = pool.imap_unordered(process_source, todo)
-    overall = tqdm(results, total=len(todo), desc="sources", unit="src", position=0, disable=not todo)
-    for res in overall:
+        yield from map(process_source, todo)
+        return
+    # "spawn", not fork: a forked child of a process that already ran yuface (OpenMP) hangs.
+    ctx = mp.get_context("spawn")
+    lock = ctx.RLock()  # shared by all progress bars, so lines of two processes do not interleave
+    tqdm.set_lock(lock)
+    for i, job in enumerate(todo):
+        job["slot"] = 1 + i % workers  # bar line of the job; a guess, as jobs finish out of order
+    with ctx.Pool(workers, _init_worker, (args.detector, min_score, lock)) as pool:
+        yield from pool.imap_unordered(process_source, todo)
+
+
+def main(args) -> dict:
+    out = Path(args.output)
+    sources, problems = find_sources(args.input, out)
+    for path, why in problems:
+        print(f"WARNING: skipping {path}: {why}", file=sys.stderr)
+    if args.frames < 1 or args.size < 1 or args.margin <= 0:
+        raise SystemExit("--frames and --size must be >= 1 and --margin > 0")
+    if args.benchmark:
+        return benchmark(sources, args.frames)
+    out.mkdir(parents=True, exist_ok=True)
+    min_score = DEFAULT_MIN_SCORE[args.detector] if args.min_score is None else args.min_score
+    settings = (f"frames={args.frames} margin={args.margin} size={args.size} detector={args.detector} "
+                f"all_faces={int(args.all_faces)} min_score={min_score}")
+    paths = [out / "manifest.csv", out / "no_faces.csv", out / "sources.csv"]
+    todo, skipped = plan_jobs(sources, out, settings, args, paths)
+
+    summary = dict(processed=0, skipped=skipped, frames=0, crops=0, no_face_frames=0, no_face_sources=[],
+                   unreadable=[path for path, _ in problems], partial=[])
+    tiles = {}
+    for res in tqdm(run_jobs(todo, args, min_score), total=len(todo), desc="sources", unit="src",
+                    position=0, disable=not todo):
         src = res["source"]
         if res["error"]:
             tqdm.write(f"WARNING: {res['error']}" + (" (kept frames decoded before)" if res["frames"] else ""),
                        file=sys.stderr)
-        write_csv(paths[0], MANIFEST_COLUMNS, res["rows"], append=True)  # only the parent writes CSVs
+        # Only this process writes the CSVs, one source at a time: no garbled rows, and an
+        # interrupted run keeps the record of every source finished so far.
+        write_csv(paths[0], MANIFEST_COLUMNS, res["rows"], append=True)
         missing = [dict(source=src, frame=i, reason="no_face") for i in res["no_face"]]
         if res["status"] == "unreadable":
             missing.append(dict(source=src, frame="", reason=f"unreadable: {res['error']}"))
         write_csv(paths[1], NO_FACE_COLUMNS, missing, append=True)
         write_csv(paths[2], STATE_COLUMNS, [dict(res, size=res["file_size"], crops=len(res["rows"]))], append=True)
+        summary["frames"] += res["frames"]
+        summary["crops"] += len(res["rows"])
         if res["status"] == "unreadable":
             summary["unreadable"].append(src)
             continue
         summary["processed"] += 1
-        summary["frames"] += res["frames"]
-        summary["crops"] += len(res["rows"])
         summary["no_face_frames"] += len(res["no_face"])
         if res["status"] == "noface":
             summary["no_face_sources"].append(src)
         if res["status"] == "partial":
             summary["partial"].append(src)
         tiles[src] = res["tiles"]
-    overall.close()
-    if workers > 1:
-        pool.close()
-        pool.join()
-    preview = args.preview and any(tiles.values())  # only sources processed in this run
+
+    preview = args.preview and any(tiles.values())  # covers the sources processed in this run
     if preview:
-        # Round-robin over sources so every source shows up before the tile cap is reached.
-        picked = [t for i in range(PREVIEW_PER_SOURCE) for ts in tiles.values() if i < len(ts) for t in ts[i:i + 1]]
+        picked = []  # round-robin over sources, so every source shows before the tile cap
+        for i in range(PREVIEW_PER_SOURCE):
+            picked += [ts[i] for ts in tiles.values() if i < len(ts)]
         save_preview(picked[:PREVIEW_TILES], out / "preview.png")
     print(f"\nsources processed {summary['processed']}, skipped (already done) {len(skipped)}, "
           f"frames read {summary['frames']}, crops written {summary['crops']}, "
@@ -411,48 +430,62 @@ def main(args) -> dict:
 
 
 def benchmark(sources, n_frames) -> dict:
-    """Detection frames/s per detector and clip, on frames sampled as in a normal run."""
+    """Print ms/frame of decoding and of each detector per clip, on frames sampled as in a run."""
     detectors = {name: load_detector(name) for name in ("yunet", "dlib")}
-    table = {}
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one process; detection only")
-    print(f"{'clip':32} {'size':>9} {'frames':>6} {'detector':>8} {'faces/fr':>8} {'ms/frame':>8} {'frames/s':>8}")
+    totals = {name: [0, 0.0] for name in ["decode", *detectors]}  # frames, seconds
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one process")
+    print(f"{'clip':28} {'size':>9} {'frames':>6} {'step':>7} {'faces/fr':>8} {'ms/frame':>8} {'frames/s':>8}")
+
+    def row(clip, size, n, step, faces, seconds):
+        totals[step][0] += n
+        totals[step][1] += seconds
+        print(f"{clip[:28]:28} {size:>9} {n:>6} {step:>7} {faces:>8} {1000 * seconds / n:8.1f} {n / seconds:8.1f}")
     for src in sources:
+        start = time.perf_counter()
         try:
             frames = [rgb for _, rgb in sample_frames(src, n_frames)] if is_video(src) else [load_image(src)]
         except MediaError as e:
             print(f"WARNING: {e}", file=sys.stderr)
             continue
+        size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
+        row(src.name, size, len(frames), "decode", "", time.perf_counter() - start)
         for name, detect in detectors.items():
             start = time.perf_counter()
             faces = sum(len(detect(rgb)) for rgb in frames)
-            per = (time.perf_counter() - start) / len(frames)
-            table[(str(src), name)] = 1 / per
-            h, w = frames[0].shape[:2]
-            print(f"{src.name[:32]:32} {f'{w}x{h}':>9} {len(frames):>6} {name:>8} {faces / len(frames):8.2f} "
-                  f"{per * 1000:8.1f} {1 / per:8.1f}")
-    return table
+            row(src.name, size, len(frames), name, f"{faces / len(frames):.2f}", time.perf_counter() - start)
+    for step, (n, seconds) in totals.items():
+        if n:
+            print(f"{'ALL':28} {'':>9} {n:>6} {step:>7} {'':>8} {1000 * seconds / n:8.1f} {n / seconds:8.1f}")
+    return {step: n / seconds for step, (n, seconds) in totals.items() if n}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Crop faces from videos and photos into a training folder.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description="Crop faces from videos and photos into a training folder.")
     p.add_argument("--input", nargs="+", required=True,
-                   help="video files, image files or folders of them (folders are searched recursively)")
-    p.add_argument("--output", required=True, help="folder for the crops, manifest.csv and no_faces.csv")
-    p.add_argument("--frames", type=int, default=32, help="frames sampled evenly per video (all if shorter)")
-    p.add_argument("--margin", type=float, default=1.3, help="crop side = margin x larger face-box side (FF++)")
-    p.add_argument("--size", type=int, default=256, help="side in pixels of the saved square crops")
+                   help="required: video files, image files or folders of them (folders are searched recursively)")
+    p.add_argument("--output", required=True,
+                   help="required: folder for the crops, manifest.csv, no_faces.csv and sources.csv")
+    p.add_argument("--frames", type=int, default=32,
+                   help="frames sampled evenly per video; every frame if the video is shorter (default: 32)")
+    p.add_argument("--margin", type=float, default=1.3,
+                   help="crop side = margin x the larger side of the face box, as in FaceForensics++ (default: 1.3)")
+    p.add_argument("--size", type=int, default=256, help="side in pixels of the saved square crops (default: 256)")
     p.add_argument("--detector", choices=["yunet", "dlib"], default="yunet",
-                   help="yunet (CNN, fast, accurate) or dlib (HOG, frontal faces only)")
-    p.add_argument("--all_faces", action="store_true", help="save every face per frame, not only the largest")
+                   help="yunet: small CNN, fast, finds turned faces; dlib: HOG, frontal faces only (default: yunet)")
+    p.add_argument("--all_faces", action="store_true",
+                   help="save every face of a frame, not only the largest (default: off)")
     p.add_argument("--min_score", type=float, default=None,
-                   help="drop detections below this score; default 0.6 for yunet (0-1), 0.0 for dlib (SVM margin)")
-    p.add_argument("--overwrite", action="store_true", help="redo sources already in the output folder")
-    p.add_argument("--preview", action="store_true", help="write preview.png: sampled frames with boxes and crops")
+                   help="drop detections scoring lower; yunet scores are 0-1, dlib scores are SVM margins "
+                        "(default: 0.6 for yunet, 0.0 for dlib)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo sources already done in --output instead of skipping them (default: off)")
+    p.add_argument("--preview", action="store_true",
+                   help="write preview.png, sampled frames with crop squares next to the crops (default: off)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="processes working on different sources at once")
+                   help="processes working on different sources at once; 1 runs inline "
+                        "(default: min(2, CPU cores))")
     p.add_argument("--benchmark", action="store_true",
-                   help="only print detection frames/s of yunet and dlib on the inputs; writes nothing")
+                   help="only print ms/frame of decoding, yunet and dlib on the inputs; writes nothing (default: off)")
     return p
 
 

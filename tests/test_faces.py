@@ -26,8 +26,8 @@ def need(path: Path) -> Path:
     return path
 
 
-def write_video(path: Path, frames, rate: int = 10, codec: str = "mpeg4") -> Path:
-    with av.open(str(path), "w") as out:
+def write_video(path: Path, frames, rate: int = 10, codec: str = "mpeg4", fmt=None) -> Path:
+    with av.open(str(path), "w", format=fmt) as out:
         stream = out.add_stream(codec, rate=rate)
         stream.height, stream.width = frames[0].shape[:2]
         stream.pix_fmt = "yuv420p"
@@ -74,14 +74,16 @@ def media(tmp_path_factory):
     (d / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20000))
     (d / "truncated.mp4").write_bytes((d / "face.mp4").read_bytes()[:3000])
     (d / "notes.txt").write_text("not media")
+    (d / "broken.jpg").write_bytes((d / "photo.jpg").read_bytes()[:200])  # header only
     return d
 
 
 def test_sample_frames_count_spread_and_content(tmp_path):
     # frame i has brightness 5*i, so we can check the index is the frame actually returned
     frames = [np.full((48, 64, 3), 5 * i, np.uint8) for i in range(40)]
-    for ext in ("mp4", "mkv"):  # mkv stores no frame count: the duration x rate estimate is used
-        video = write_video(tmp_path / f"ramp.{ext}", frames)
+    # mkv stores no frame count (duration x rate is used); raw m4v has neither (packets are counted)
+    for ext in ("mp4", "mkv", "m4v"):
+        video = write_video(tmp_path / f"ramp.{ext}", frames, fmt="m4v" if ext == "m4v" else None)
         got = list(faces.sample_frames(video, 5))
         assert [i for i, _ in got] == [0, 10, 20, 29, 39]
         for i, rgb in got:
@@ -89,8 +91,11 @@ def test_sample_frames_count_spread_and_content(tmp_path):
             assert abs(float(rgb.mean()) - 5 * i) < 4
         # a video shorter than the request gives every frame once
         assert [i for i, _ in faces.sample_frames(video, 100)] == list(range(40))
-    with av.open(str(tmp_path / "ramp.mkv")) as c:
-        assert c.streams.video[0].frames == 0
+    for ext in ("mkv", "m4v"):
+        with av.open(str(tmp_path / f"ramp.{ext}")) as c:
+            assert c.streams.video[0].frames == 0
+    with av.open(str(tmp_path / "ramp.m4v")) as c:
+        assert c.duration is None
 
 
 def test_sample_frames_corrupt_raises(media):
@@ -113,10 +118,18 @@ def test_crop_faces_box_inside_face_and_largest_first():
     assert 500 <= b0[0] < b0[2] <= 756 and 50 <= b0[1] < b0[3] <= 306  # box on the big face
     assert 100 <= b1[0] < b1[2] <= 228 and 400 <= b1[1] < b1[3] <= 528
     assert len(faces.crop_faces(rgb, det)) == 1  # default: the largest face only
-    # a face cut by the image border still gives a full-size crop (padded, not shifted)
-    edge = np.ascontiguousarray(rgb[30:330, 480:760])
+    # a face at the image border: the square is shifted inside, so no black padding appears
+    edge = np.ascontiguousarray(rgb[0:400, 560:900])  # face cut at the left: ideal square starts at x<-60
     [(img, box)] = faces.crop_faces(edge, det, size=100)
     assert img.size == (100, 100) and 0 <= box[0] and box[2] <= edge.shape[1]
+    crop = np.asarray(img).astype(float)
+    assert crop.mean(axis=(1, 2)).min() > 20 and crop.mean(axis=(0, 2)).min() > 20
+
+
+def test_crop_square_stays_inside_the_image():
+    assert faces.crop_square((40, 40, 60, 60, 1.0), 100, 100, margin=2) == (30, 30, 70, 70)  # centred
+    assert faces.crop_square((0, 10, 20, 30, 1.0), 100, 100, margin=2) == (0, 0, 40, 40)  # shifted in
+    assert faces.crop_square((0, 0, 80, 60, 1.0), 100, 60, margin=1.3) == (10, 0, 70, 60)  # shrunk to fit
 
 
 def test_detector_boxes_map_to_full_resolution():
@@ -154,10 +167,11 @@ def test_labelled_clips_yield_crops_and_manifest_matches_disk(tmp_path):
 def test_bad_and_faceless_inputs_are_reported_and_others_processed(media, tmp_path, capsys):
     out = tmp_path / "out"
     inputs = [media / "random.mp4", media / "truncated.mp4", media / "notes.txt", media / "missing.mp4",
+              media / "broken.jpg",
               media / "face.mp4", media / "blank.mp4", media / "blank_photo.png", media / "photo.jpg"]
     s = run(inputs, out, "--frames", "4", "--preview")
     err = capsys.readouterr().err
-    for name in ("random.mp4", "truncated.mp4", "notes.txt", "missing.mp4"):
+    for name in ("random.mp4", "truncated.mp4", "notes.txt", "missing.mp4", "broken.jpg"):
         assert name in err
         assert any(name in u for u in s["unreadable"])
     assert s["processed"] == 4
@@ -231,3 +245,26 @@ def test_is_video_is_image_and_parser_help():
     assert all(h for h in helps.values())
     args = faces.get_args_parser().parse_args(["--input", "x", "--output", "y"])
     assert (args.frames, args.margin, args.size, args.detector) == (32, 1.3, 256, "yunet")
+
+
+def test_output_folder_inside_input_folder_is_not_read_back(media, tmp_path):
+    (tmp_path / "face.mp4").write_bytes((media / "face.mp4").read_bytes())
+    (tmp_path / "readme.txt").write_text("ignored inside folders")
+    first = run([tmp_path], tmp_path / "crops", "--frames", "2")
+    assert first["processed"] == 1 and not first["unreadable"]
+    again = run([tmp_path], tmp_path / "crops", "--frames", "2")  # crops must not become sources
+    assert again["processed"] == 0 and len(again["skipped"]) == 1
+
+
+def test_unexpected_error_in_one_file_is_reported_and_retried(media, tmp_path, monkeypatch, capsys):
+    def weird(path):
+        raise RuntimeError("odd decoder state")
+    monkeypatch.setattr(faces, "load_image", weird)
+    out = tmp_path / "out"
+    s = run([media / "photo.jpg", media / "face.mp4"], out, "--frames", "2")
+    assert s["processed"] == 1 and s["unreadable"] == [str(media / "photo.jpg")]
+    assert "RuntimeError: odd decoder state" in capsys.readouterr().err
+    monkeypatch.undo()
+    again = run([media / "photo.jpg", media / "face.mp4"], out, "--frames", "2")
+    assert again["processed"] == 1 and again["skipped"] == [str(media / "face.mp4")]
+    assert "photo_f0000_0.jpg" in {r["file"] for r in manifest(out)}
