@@ -57,7 +57,7 @@ def images_per_s(step, loader, batches):
     return seen / (time.perf_counter() - start)
 
 
-def measure(ds, amp, channels_last, args):
+def measure(ds, eval_tf, amp, channels_last, args):
     torch.manual_seed(0)
     model = DeepfakeDetector("resnet18", weights="none")
     if channels_last:
@@ -82,8 +82,11 @@ def measure(ds, amp, channels_last, args):
 
     model.train()
     train = images_per_s(train_step, loader, args.batches)
+    # inference reads the same images through the deterministic eval transform
+    eval_ds = dataset.DeepfakeDataset(ds.samples, eval_tf, ds.cache, ds.size)
     model.eval()
-    infer = images_per_s(infer_step, loader, args.batches * 2)
+    infer = images_per_s(infer_step, DataLoader(eval_ds, batch_size=args.batch_size, num_workers=args.workers,
+                                                drop_last=True), args.batches * 2)
     return train, infer
 
 
@@ -106,7 +109,7 @@ def main(args):
     results = {}
     for r in range(args.rounds):
         for name, ds, amp, cl in rows:
-            train, infer = measure(ds, amp, cl, args)
+            train, infer = measure(ds, data.datasets["test"].transform, amp, cl, args)
             print(f"  round {r + 1} {name}: train {train:.1f} img/s, inference {infer:.1f} img/s")
             best = results.get(name, (0.0, 0.0))
             results[name] = (max(best[0], train), max(best[1], infer))

@@ -29,14 +29,25 @@ import matplotlib.pyplot as plt
 FAIR_IMAGE_SIZE = 224
 
 
+def peak_rss_mib():
+    """This process's peak resident memory. On Linux read VmHWM: ru_maxrss survives exec, so a
+    child started by a big parent (pytest, a notebook) would report the parent's peak instead."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB -> MiB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
+
+
 def child(argv):
     """Runs inside the subprocess: train and report one model, then record its peak memory."""
     import torch
-    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB, after imports
+    baseline = peak_rss_mib()  # after imports
     args = main.parse_args(argv)
     main.main(args)
-    memory = {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              "baseline_rss_mib": baseline}
+    memory = {"peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline}
     if torch.cuda.is_available():
         memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
     (Path(args.output_dir) / "memory.json").write_text(json.dumps(memory, indent=2))

@@ -247,23 +247,29 @@ def drop_cross_split_copies(samples):
 # ---------------------------------------------------------------- transforms (train and eval side by side)
 
 def train_transform(image_size, mean, std):
-    """Random crop, flip, small affine, colour and JPEG-quality jitter: uint8 (3, H, W) -> normalized float."""
+    """Random crop (no rescaling), flip, mild colour, blur and JPEG jitter: uint8 (3, H, W) -> normalized float.
+
+    No random rescaling or rotation: resampling smears the pixel-level traces a
+    generator leaves, which are what a detector learns from. Occasional blur and
+    JPEG re-compression teach it not to rely on those traces alone (the recipe of
+    Wang et al., "CNN-generated images are surprisingly easy to spot", CVPR 2020).
+    """
     return v2.Compose([
-        v2.RandomResizedCrop(image_size, scale=(0.7, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.Resize(cache_size_for(image_size), antialias=True),  # a no-op on cached pixels
+        v2.RandomCrop(image_size),
         v2.RandomHorizontalFlip(),
-        v2.RandomApply([v2.RandomAffine(degrees=10, translate=(0.05, 0.05))], p=0.3),
-        v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2, hue=0.02),
-        # re-compression hides or adds JPEG artefacts: a detector must not key on them
-        v2.RandomApply([v2.JPEG(quality=(60, 100))], p=0.3),
+        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
+        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.1),
+        v2.RandomApply([v2.JPEG(quality=(65, 100))], p=0.1),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
     ])
 
 
 def eval_transform(image_size, mean, std):
-    """Deterministic: resize the short side, centre crop, normalize."""
+    """Deterministic: resize the short side (256 for 224), centre crop, normalize; same scale as training."""
     return v2.Compose([
-        v2.Resize(image_size, antialias=True),
+        v2.Resize(cache_size_for(image_size), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),

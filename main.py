@@ -61,7 +61,7 @@ def get_args_parser():
                    help="balance classes in the training split only: weighted sampler or repeated "
                    "minority images (default: none)")
     g.add_argument("--augment", choices=["default", "none"], default="default",
-                   help="training augmentation: default (crop, flip, colour, JPEG) or none (eval transform); "
+                   help="training augmentation: default (random crop, flip, mild colour, blur, JPEG) or none (eval transform); "
                    "none with a frozen backbone trains the head on cached features (default: default)")
     g.add_argument("--image_size", type=_positive(int), default=None,
                    help="input size in pixels (default: the model's ImageNet size: 224, 384 for "
