@@ -219,7 +219,7 @@ def main(args):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # the detector's package is missing (yuface has no wheel for every Python)
-        print(f"error: face detector {args.detector} unavailable ({e}); try --detector dlib", file=sys.stderr)
+        print(f"error: {e}", file=sys.stderr)
         return 2
     app = create_app(predictor, args.checkpoint, args.max_image_mb, args.max_video_mb, args.max_images)
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl-C to stop)")

@@ -88,9 +88,14 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
         # variable when yuface is first imported, so we set it only for that moment.
         saved = os.environ.get("OMP_WAIT_POLICY")
         os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
-        import yuface
-        if saved is None:
-            del os.environ["OMP_WAIT_POLICY"]
+        try:
+            import yuface
+        except ImportError:
+            raise ImportError("the yunet detector needs the yuface package, which has wheels for Python "
+                              "3.11 and older only: use such a Python, or --detector dlib") from None
+        finally:
+            if saved is None:
+                del os.environ["OMP_WAIT_POLICY"]
 
         def raw(small):  # yuface wants BGR; its scores are 0-100, boxes are x, y, w, h
             scores, boxes, _ = yuface.detect(np.ascontiguousarray(small[:, :, ::-1]), conf=min_score)
@@ -375,6 +380,10 @@ def main(args) -> dict:
         raise SystemExit("--frames and --size must be >= 1 and --margin > 0")
     if args.benchmark:
         return benchmark(sources, args.frames)
+    try:
+        load_detector(args.detector)  # fail here, in one line, not in every worker
+    except ImportError as e:
+        raise SystemExit(f"error: {e}")
     out.mkdir(parents=True, exist_ok=True)
     min_score = DEFAULT_MIN_SCORE[args.detector] if args.min_score is None else args.min_score
     settings = (f"frames={args.frames} margin={args.margin} size={args.size} detector={args.detector} "

@@ -160,8 +160,11 @@ def backbone_frozen_in(args, epoch):
     return args.freeze_backbone
 
 
-def fit(args, model, data, device, out):
-    """The training loop: one epoch, validate, checkpoint; returns the history rows."""
+def fit(args, model, data, device, out, resume_from=None):
+    """The training loop: one epoch, validate, checkpoint; returns the history rows.
+
+    resume_from: a checkpoint dict (from --resume) to continue from.
+    """
     amp = engine.autocast_dtype(device, args.precision)
     loaders = {"train": make_loader(data.datasets["train"], args, True),
                "val": make_loader(data.datasets["val"], args, False)}
@@ -173,8 +176,8 @@ def fit(args, model, data, device, out):
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     start_epoch, best_auc, history = 0, -1.0, []
-    if args.resume is not None:
-        ckpt = engine.load_checkpoint(args.resume or out / "checkpoints" / "last.pt", device)
+    if resume_from is not None:
+        ckpt = resume_from
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -268,7 +271,10 @@ def main(args):
     if args.evaluate_only or args.resume is not None:
         path = (args.checkpoint or Path(args.output_dir) / "checkpoints" / "best.pt") if args.evaluate_only \
             else (args.resume or Path(args.output_dir) / "checkpoints" / "last.pt")
-        ckpt = engine.load_checkpoint(path)
+        try:
+            ckpt = engine.load_checkpoint(path)
+        except engine.CheckpointError as e:
+            sys.exit(f"error: {e}")
         for key in SPLIT_AND_MODEL_KEYS:  # same split and network as the checkpoint was trained with
             setattr(args, key, ckpt["args"].get(key, getattr(args, key)))  # .get: older checkpoints
     elif (out / "checkpoints" / "last.pt").exists() and not args.overwrite:
@@ -292,7 +298,7 @@ def main(args):
     history = []
     if not args.evaluate_only:
         start = time.perf_counter()
-        history = fit(args, model, data, device, out)
+        history = fit(args, model, data, device, out, resume_from=ckpt)
         print(f"trained in {time.perf_counter() - start:.0f} s")
         ckpt = engine.load_checkpoint(out / "checkpoints" / "best.pt", device)
     return evaluate_and_report(args, model, ckpt, data, device, out, history)

@@ -297,7 +297,7 @@ def main(args):
     try:
         predictor = Predictor(args.checkpoint, args.device, args.precision, args.detector, args.frames,
                               args.no_crop, args.batch_size)
-    except engine.CheckpointError as e:
+    except (engine.CheckpointError, ImportError) as e:  # ImportError: the face detector's package is missing
         sys.exit(f"error: {e}")
     if predictor.threshold_source.startswith("0.5"):
         print(f"note: {args.checkpoint} stores no threshold (interrupted training?); using 0.5", file=sys.stderr)

@@ -268,3 +268,11 @@ def test_unexpected_error_in_one_file_is_reported_and_retried(media, tmp_path, m
     again = run([media / "photo.jpg", media / "face.mp4"], out, "--frames", "2")
     assert again["processed"] == 1 and again["skipped"] == [str(media / "face.mp4")]
     assert "photo_f0000_0.jpg" in {r["file"] for r in manifest(out)}
+
+
+def test_missing_yuface_package_names_the_way_out(monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "yuface", None)  # as on Python 3.12+, where yuface has no wheel
+    with pytest.raises(ImportError, match="--detector dlib"):
+        faces.load_detector("yunet")
+    assert callable(faces.load_detector("dlib"))

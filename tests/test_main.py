@@ -124,3 +124,9 @@ def test_impossible_flag_values_are_argparse_errors(flags, capsys):
     with pytest.raises(SystemExit) as e:
         main.parse_args(flags)
     assert e.value.code == 2 and "error" in capsys.readouterr().err
+
+
+def test_evaluate_only_without_a_checkpoint_is_one_clear_error(faces_root, tmp_path):
+    with pytest.raises(SystemExit, match="error: .*best.pt: checkpoint not found"):
+        main.main(main.parse_args(["--evaluate_only", "--data_root", str(faces_root),
+                                   "--output_dir", str(tmp_path / "nothing")]))
