@@ -162,7 +162,7 @@ def compare(models, argv):
     rows = [run_model(name, argv, out) for name in models]
     import torch
     memory_note = ("torch.cuda.max_memory_allocated of each run" if torch.cuda.is_available() else
-                   "growth of the training process's peak resident memory (getrusage ru_maxrss, one "
+                   "growth of the training process's peak resident memory (VmHWM, one "
                    "subprocess per model) over the same process right after importing torch; "
                    "data-loading worker processes not included")
     write_markdown(rows, md, "python " + " ".join(["compare.py", "--models", ",".join(models), *argv]), memory_note)

@@ -112,6 +112,13 @@ class DeepfakeDetector(nn.Module):
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
         net = _build(name, weights, image_size)
+        if weights in (None, "none"):
+            # MobileNetV3 keeps BatchNorm statistics with momentum 0.01 (tuned for
+            # hundreds of ImageNet epochs); from random init in a few epochs they would barely move
+            # from their start and eval-mode outputs collapse to one constant. Use PyTorch's 0.1.
+            for m in net.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.momentum = 0.1
         parent, attr, linear = _last_linear(net)
         setattr(parent, attr, nn.Identity())
         self.backbone = net

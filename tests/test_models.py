@@ -115,3 +115,10 @@ def test_feature_cache_trains_the_head_like_the_plain_path(amp):
         engine.train_one_epoch(net, torch.nn.CrossEntropyLoss(), optimizer, ld, cpu, 0, amp)
     assert not torch.equal(plain.head.weight, start), "the head did not learn"
     torch.testing.assert_close(cached.head.weight, plain.head.weight, rtol=1e-4, atol=1e-5)
+
+
+def test_random_init_batchnorm_statistics_follow_the_data():
+    """MobileNetV3's BN momentum is 0.01: from scratch, eval outputs used to collapse to one constant."""
+    from model import DeepfakeDetector
+    model = DeepfakeDetector("mobilenet_v3_large", "none")
+    assert {m.momentum for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
