@@ -114,7 +114,7 @@ def main(args):
             best = results.get(name, (0.0, 0.0))
             results[name] = (max(best[0], train), max(best[1], infer))
     base_train, base_infer = results["plain fp32"]
-    print(f"\n| path | train img/s | x plain | inference img/s | x plain |\n| --- | --- | --- | --- | --- |")
+    print("\n| path | train img/s | x plain | inference img/s | x plain |\n| --- | --- | --- | --- | --- |")
     for name, (train, infer) in results.items():
         print(f"| {name} | {train:.1f} | {train / base_train:.2f} | {infer:.1f} | {infer / base_infer:.2f} |")
     return results

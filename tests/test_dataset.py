@@ -1,6 +1,5 @@
 """Data: layouts, leak-free splits, the cache, image modes and bad files."""
 import shutil
-import warnings
 from collections import Counter, defaultdict
 
 import numpy as np

@@ -276,3 +276,29 @@ def test_missing_yuface_package_names_the_way_out(monkeypatch):
     with pytest.raises(ImportError, match="--detector dlib"):
         faces.load_detector("yunet")
     assert callable(faces.load_detector("dlib"))
+
+
+def test_training_on_a_faces_py_folder_keeps_each_video_in_one_split(tmp_path):
+    """faces.py -> main.py: every crop of one source video lands in the same split."""
+    import shutil
+    import main
+    for label, clips in (("real", LABELLED[:2]), ("fake", LABELLED[2:])):
+        photos = tmp_path / f"{label}_photos"
+        photos.mkdir()
+        for p in sorted((need(DATA / "faces140k" / f"{label}_data")).glob("*.jpg"))[:16]:
+            shutil.copy(p, photos)
+        run([need(VIDEOS / c) for c in clips] + [photos], tmp_path / "data" / f"{label}_data", "--frames", "6")
+    main.main(main.parse_args(["--data_root", str(tmp_path / "data"), "--weights", "none", "--epochs", "1",
+                               "--image_size", "32", "--workers", "0", "--val_fraction", "0.25",
+                               "--test_fraction", "0.25", "--output_dir", str(tmp_path / "run"),
+                               "--cache_dir", str(tmp_path / "cache")]))
+    with open(tmp_path / "run" / "split.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    splits_of = {}
+    for r in rows:
+        stem = Path(r["path"]).name.rsplit("_f", 1)[0]
+        splits_of.setdefault(stem, set()).add(r["split"])
+    videos = [Path(c).stem for c in LABELLED]
+    assert all(v in splits_of for v in videos)
+    assert all(len(splits_of[v]) == 1 for v in videos), {v: splits_of[v] for v in videos}
+    assert {s for splits in splits_of.values() for s in splits} == {"train", "val", "test"}

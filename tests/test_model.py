@@ -1,7 +1,6 @@
 """DeepfakeDetector: shapes, freezing, weights loading, and that it can learn."""
 import urllib.error
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
