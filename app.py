@@ -57,6 +57,7 @@ class UploadError(Exception):
 
 def sniff(path, name):
     """('image' | 'video', safe extension) from the file's first bytes and a real decode attempt."""
+    fmt = None
     try:
         with Image.open(path) as im:
             fmt = im.format
@@ -64,7 +65,8 @@ def sniff(path, name):
     except UnidentifiedImageError:
         fmt = None  # not an image Pillow knows: maybe a video
     except Exception as e:  # Pillow raises many types for damaged files
-        raise UploadError(422, f"{name}: a damaged {fmt} image ({e}); try re-saving it as JPEG or PNG")
+        raise UploadError(422, f"{name}: a damaged {fmt + ' ' if fmt else ''}image ({e}); "
+                               f"try re-saving it as JPEG or PNG")
     if fmt is not None:
         if fmt not in IMAGE_EXTS:
             raise UploadError(415, f"{name}: {fmt} images are not supported; use JPEG, PNG, WebP, BMP or TIFF")

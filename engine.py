@@ -115,9 +115,9 @@ def load_checkpoint(path, map_location="cpu"):
         raise CheckpointError(f"{path}: checkpoint not found; train first (python main.py) or pass --checkpoint PATH")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+    except Exception as e:  # torch's own text suggests weights_only=False: never do that with files you got
+        raise CheckpointError(f"{path}: not a checkpoint written by main.py, or a damaged one "
+                              f"({type(e).__name__}); train one with python main.py") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
         raise CheckpointError(f"{path}: not a checkpoint written by main.py (no 'model'/'args' entries)")
     return ckpt

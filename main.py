@@ -11,6 +11,7 @@ first, then the report, plots, metrics.json, history.csv, args.json, split.csv.
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -124,12 +125,15 @@ def make_loader(ds, args, train):
 def load_data(args, model):
     data = dataset.prepare_data(args.data_root, args.image_size, model.mean, model.std, args.val_fraction,
                                 args.test_fraction, args.seed, args.max_per_class, args.cache_dir, args.workers)
+    scoring_all = args.evaluate_only and args.eval_split == "all"  # a held-out folder: no split needed
     for split, ds in data.datasets.items():
-        if len(ds) == 0:
-            raise dataset.DatasetError(
-                f"{args.data_root}: the {split} split is empty: {len({s.group for s in data.samples})} groups "
-                f"(videos, duplicate sets, single images) are too few for --val_fraction {args.val_fraction} "
-                f"and --test_fraction {args.test_fraction}; add images or change the fractions")
+        if len(ds) == 0 and not scoring_all:
+            why = (f"--{split}_fraction is 0, but validation picks the best epoch and the threshold, and "
+                   f"test gives the report" if split != "train" and getattr(args, f"{split}_fraction") == 0 else
+                   f"{len({s.group for s in data.samples})} groups (videos, duplicate sets, single images) are "
+                   f"too few for --val_fraction {args.val_fraction} and --test_fraction {args.test_fraction}")
+            raise dataset.DatasetError(f"{args.data_root}: the {split} split is empty: {why}; "
+                                       f"add images or change the fractions")
     if args.augment == "none":
         data.datasets["train"].transform = data.datasets["val"].transform
     if args.balance == "oversample":
@@ -226,10 +230,14 @@ def fit(args, model, data, device, out, resume_from=None):
             if improved:
                 engine.save_checkpoint(state(epoch, threshold), out / "checkpoints" / "best.pt")
     except KeyboardInterrupt:
-        # keep what was learned; the interrupted epoch is re-run in full by --resume
-        engine.save_checkpoint(state(epoch - 1, None), out / "checkpoints" / "last.pt")
-        print(f"\ninterrupted in epoch {epoch + 1}: saved {out / 'checkpoints' / 'last.pt'}; "
-              f"continue with: python main.py --resume --output_dir {out}")
+        last = out / "checkpoints" / "last.pt"
+        if last.exists():  # the end of the last finished epoch: --resume then replays exactly
+            print(f"\ninterrupted in epoch {epoch + 1}; {last} holds the last finished epoch, "
+                  f"the partial one is dropped so that a resumed run matches an uninterrupted one")
+        else:  # no epoch finished yet: keep the partial work rather than nothing
+            engine.save_checkpoint(state(epoch - 1, None), last)
+            print(f"\ninterrupted in epoch {epoch + 1}: saved the partly trained model to {last}")
+        print(f"continue with: python main.py --resume --output_dir {out}")
         sys.exit(130)
     return history
 
@@ -263,23 +271,46 @@ def evaluate_and_report(args, model, ckpt, data, device, out, history):
     return metrics
 
 
+def restore_from_checkpoint(args, out):
+    """Load the checkpoint that --evaluate_only or --resume starts from, and take from it the
+    flags that fix the split and the network (a resume also keeps its data folder)."""
+    if args.evaluate_only:
+        path = Path(args.checkpoint or Path(args.output_dir) / "checkpoints" / "best.pt")
+    else:
+        path = Path(args.resume or Path(args.output_dir) / "checkpoints" / "last.pt")
+    try:
+        ckpt = engine.load_checkpoint(path)
+    except engine.CheckpointError as e:
+        sys.exit(f"error: {e}")
+    keys = list(SPLIT_AND_MODEL_KEYS)
+    if args.evaluate_only and args.eval_split == "all":
+        keys.remove("max_per_class")  # every image of the folder, not the training run's subset
+    if args.resume is not None:
+        if args.data_root != ckpt["args"]["data_root"]:
+            print(f"note: resuming on the checkpoint's data, {ckpt['args']['data_root']}")
+        keys.append("data_root")
+        best = out / "checkpoints" / "best.pt"
+        if not best.exists() and (path.parent / "best.pt").exists():  # resumed into a new --output_dir
+            best.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path.parent / "best.pt", best)
+    for key in keys:
+        setattr(args, key, ckpt["args"].get(key, getattr(args, key)))  # .get: older checkpoints
+    return ckpt
+
+
 def main(args):
     engine.seed_everything(args.seed)
     device = engine.get_device(args.device)
     out = Path(args.output_dir) / ("evaluation" if args.evaluate_only else "")
     ckpt = None
     if args.evaluate_only or args.resume is not None:
-        path = (args.checkpoint or Path(args.output_dir) / "checkpoints" / "best.pt") if args.evaluate_only \
-            else (args.resume or Path(args.output_dir) / "checkpoints" / "last.pt")
-        try:
-            ckpt = engine.load_checkpoint(path)
-        except engine.CheckpointError as e:
-            sys.exit(f"error: {e}")
-        for key in SPLIT_AND_MODEL_KEYS:  # same split and network as the checkpoint was trained with
-            setattr(args, key, ckpt["args"].get(key, getattr(args, key)))  # .get: older checkpoints
-    elif (out / "checkpoints" / "last.pt").exists() and not args.overwrite:
-        sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, "
-                 f"or replace it with --overwrite")
+        ckpt = restore_from_checkpoint(args, out)
+    elif (out / "checkpoints" / "last.pt").exists():
+        if not args.overwrite:
+            sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, "
+                     f"or replace it with --overwrite")
+        for old in (out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"):
+            old.unlink(missing_ok=True)  # asked for: an old best.pt must not pass for the new run's
     if args.evaluate_only and any(out.glob("*")) and not args.overwrite:
         sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
     out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +331,8 @@ def main(args):
         start = time.perf_counter()
         history = fit(args, model, data, device, out, resume_from=ckpt)
         print(f"trained in {time.perf_counter() - start:.0f} s")
-        ckpt = engine.load_checkpoint(out / "checkpoints" / "best.pt", device)
+        best = out / "checkpoints" / "best.pt"
+        ckpt = engine.load_checkpoint(best if best.exists() else out / "checkpoints" / "last.pt", device)
     return evaluate_and_report(args, model, ckpt, data, device, out, history)
 
 

@@ -40,12 +40,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 import dataset
 import engine
 import faces
 import gradcam
+from main import _positive  # the same flag check as training
 from model import MODELS, DeepfakeDetector
 
 NO_FACE = "uncertain (no face)"
@@ -132,8 +133,8 @@ class Predictor:
                 pil = dataset.load_rgb(path)  # the loader training used: any mode, EXIF-rotated
             except Exception as e:
                 raise faces.MediaError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
-            if self.no_crop:  # the square the model sees, at full resolution
-                return "image", [(0, 0, ImageOps.fit(pil, (min(pil.size),) * 2), None)], 1, None
+            if self.no_crop:  # preprocess() centre-crops it to a square exactly as the training cache did
+                return "image", [(0, 0, pil, None)], 1, None
             kind, frames = "image", [(0, np.asarray(pil))]
         else:
             raise faces.MediaError(f"{path}: not an image or video (extensions: "
@@ -143,7 +144,7 @@ class Predictor:
             for index, rgb in frames:
                 read += 1
                 if self.no_crop:  # a video of face crops: each frame is the crop
-                    items.append((index, 0, ImageOps.fit(Image.fromarray(rgb), (min(rgb.shape[:2]),) * 2), None))
+                    items.append((index, 0, Image.fromarray(rgb), None))
                     continue
                 with self._detect_lock:
                     found = faces.crop_faces(rgb, self.detect)  # training's margin and size
@@ -395,7 +396,7 @@ def get_args_parser():
     p.add_argument("--output", default=None, help="FILE.csv or FILE.json for per-input and per-frame rows; any "
                    "other path is a folder that gets predictions.csv and predictions.json (default: none, "
                    "stdout only)")
-    p.add_argument("--frames", type=int, default=32, help="frames sampled evenly per video (default: 32)")
+    p.add_argument("--frames", type=_positive(int), default=32, help="frames sampled evenly per video (default: 32)")
     p.add_argument("--no_crop", action="store_true", help="inputs already are face crops: skip face detection "
                    "(default: off, detect and crop like faces.py)")
     p.add_argument("--detector", choices=["yunet", "dlib"], default="yunet", help="face detector (default: yunet)")
@@ -403,7 +404,7 @@ def get_args_parser():
                    "into DIR; refuses a non-empty DIR without --overwrite (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --output files and write into "
                    "a non-empty --gradcam DIR (default: off)")
-    p.add_argument("--batch_size", type=int, default=32, help="faces per forward pass (default: 32)")
+    p.add_argument("--batch_size", type=_positive(int), default=32, help="faces per forward pass (default: 32)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast + channels_last where the hardware has bf16, else fp32 "

@@ -129,6 +129,13 @@ def test_truncated_jpeg_is_422_and_server_goes_on(client, face_jpg):
     assert post(client, data, "whole.jpg").status_code == 200
 
 
+def test_decompression_bomb_is_422_not_500(client):
+    buf = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buf, "PNG")  # tiny on disk, 400 megapixels decoded
+    r = post(client, buf.getvalue(), "bomb.png")
+    assert r.status_code == 422 and "bomb.png" in r.get_json()["error"]
+
+
 def test_missing_file_field(client):
     r = client.post("/api/predict", data={}, content_type="multipart/form-data")
     assert r.status_code == 400 and "'file'" in r.get_json()["error"]

@@ -66,9 +66,10 @@ def test_interrupted_run_resumes_to_the_same_weights(faces_root, tmp_path, monke
     real_train = engine.train_one_epoch
 
     def ctrl_c_in_third_epoch(*args, **kwargs):
-        if args[5] == 2:  # the epoch argument
+        result = real_train(*args, **kwargs)
+        if args[5] == 2:  # the epoch argument: Ctrl-C after its optimizer steps, before it is saved
             raise KeyboardInterrupt
-        return real_train(*args, **kwargs)
+        return result
     monkeypatch.setattr(engine, "train_one_epoch", ctrl_c_in_third_epoch)
     with pytest.raises(SystemExit) as e:
         main.main(tiny_args(faces_root, tmp_path / "resumed", *common))
@@ -81,6 +82,24 @@ def test_interrupted_run_resumes_to_the_same_weights(faces_root, tmp_path, monke
     for k, v in straight["model"].items():
         assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6), k
     assert len(resumed["history"]) == 3
+
+
+def test_ctrl_c_in_the_first_epoch_keeps_the_partial_model(faces_root, tmp_path, monkeypatch):
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, "train_one_epoch", ctrl_c)
+    with pytest.raises(SystemExit):
+        main.main(tiny_args(faces_root, tmp_path / "run", "--epochs", "2", "--max_per_class", "8"))
+    assert engine.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == -1
+
+
+def test_resume_into_a_new_folder_keeps_the_data_and_best_checkpoint(faces_root, tmp_path):
+    main.main(tiny_args(faces_root, tmp_path / "a", "--epochs", "1", "--max_per_class", "8"))
+    args = main.parse_args(["--resume", str(tmp_path / "a" / "checkpoints" / "last.pt"), "--epochs", "1",
+                            "--output_dir", str(tmp_path / "b"), "--cache_dir", str(tmp_path / "cache"),
+                            "--workers", "0"])  # no --data_root: it comes from the checkpoint
+    main.main(args)
+    assert args.data_root == str(faces_root) and (tmp_path / "b" / "summary.md").is_file()
 
 
 def test_an_earlier_run_is_not_overwritten(faces_root, tmp_path):
@@ -130,3 +149,16 @@ def test_evaluate_only_without_a_checkpoint_is_one_clear_error(faces_root, tmp_p
     with pytest.raises(SystemExit, match="error: .*best.pt: checkpoint not found"):
         main.main(main.parse_args(["--evaluate_only", "--data_root", str(faces_root),
                                    "--output_dir", str(tmp_path / "nothing")]))
+
+
+def test_evaluate_only_scores_every_image_of_a_small_heldout_folder(trained_run, faces_root, tmp_path):
+    import shutil
+    for cls, n in (("real_data", 5), ("fake_data", 3)):
+        (tmp_path / "held" / cls).mkdir(parents=True)
+        for p in sorted((faces_root / cls).glob("*.jpg"))[-n:]:
+            shutil.copy(p, tmp_path / "held" / cls)
+    metrics = main.main(main.parse_args([
+        "--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--eval_split", "all",
+        "--data_root", str(tmp_path / "held"), "--output_dir", str(tmp_path / "out"),
+        "--cache_dir", str(tmp_path / "cache"), "--workers", "0"]))
+    assert metrics["at_0.5"]["n_images"] == 8  # not the training run's --max_per_class subset, no split needed
