@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
@@ -195,10 +195,11 @@ def sample_frames(video_path, n_frames: int = 32) -> Iterator[tuple[int, np.ndar
 
 
 def load_image(path) -> np.ndarray:
-    """RGB uint8 array of a photo, turned upright per its EXIF tag; MediaError if unreadable."""
+    """RGB uint8 array of a photo, read exactly as training reads images (dataset.load_rgb: EXIF
+    upright, 16-bit, alpha and palette handled); MediaError if unreadable."""
+    from dataset import load_rgb  # imported here: video-only runs and workers skip torch's import
     try:
-        with Image.open(path) as im:
-            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+        return np.asarray(load_rgb(path))
     except Exception as e:  # broken files raise OSError, SyntaxError, struct.error, ...
         raise MediaError(f"{path}: {e}") from e
 

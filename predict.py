@@ -129,13 +129,10 @@ class Predictor:
         if faces.is_video(path):
             kind, frames = "video", faces.sample_frames(path, self.frames)
         elif faces.is_image(path):
-            try:
-                pil = dataset.load_rgb(path)  # the loader training used: any mode, EXIF-rotated
-            except Exception as e:
-                raise faces.MediaError(f"{path}: unreadable image ({type(e).__name__}: {e})") from None
+            rgb = faces.load_image(path)  # training's loader: any mode, EXIF-rotated; MediaError if broken
             if self.no_crop:  # preprocess() centre-crops it to a square exactly as the training cache did
-                return "image", [(0, 0, pil, None)], 1, None
-            kind, frames = "image", [(0, np.asarray(pil))]
+                return "image", [(0, 0, Image.fromarray(rgb), None)], 1, None
+            kind, frames = "image", [(0, rgb)]
         else:
             raise faces.MediaError(f"{path}: not an image or video (extensions: "
                                    f"{' '.join(sorted(faces.IMAGE_EXTS | faces.VIDEO_EXTS))})")

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from sklearn import metrics as skm
 
-CLASSES = ("real", "fake")
+from dataset import CLASSES  # label order: 0 real, 1 fake
+
 
 
 def eer_threshold(labels, probs):

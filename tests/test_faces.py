@@ -302,3 +302,15 @@ def test_training_on_a_faces_py_folder_keeps_each_video_in_one_split(tmp_path):
     assert all(v in splits_of for v in videos)
     assert all(len(splits_of[v]) == 1 for v in videos), {v: splits_of[v] for v in videos}
     assert {s for splits in splits_of.values() for s in splits} == {"train", "val", "test"}
+
+
+def test_photos_are_read_exactly_as_training_reads_them(tmp_path):
+    import dataset
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[10:30, 20:40] = (200, 30, 30, 255)  # transparent elsewhere: training shows it as white
+    Image.fromarray(rgba).save(tmp_path / "cutout.png")
+    Image.fromarray(np.full((40, 60), 65535, np.uint16)).save(tmp_path / "deep.png")
+    for name in ("cutout.png", "deep.png"):
+        got = faces.load_image(tmp_path / name)
+        assert np.array_equal(got, np.asarray(dataset.load_rgb(tmp_path / name)))
+    assert (faces.load_image(tmp_path / "cutout.png")[0, 0] == 255).all()
