@@ -9,14 +9,18 @@ The page (templates/index.html, static/app.js, static/style.css) and the API sha
 path: every upload is scored by predict.Predictor.predict_file, like `python predict.py`.
 Uploads are identified by their content (Pillow for images, PyAV for videos), never by
 their name; they are written to a temporary file with a random name and removed afterwards.
+Memory stays bounded whatever is sent: a picture's (or video frame's) pixel count is read from
+its header and refused over --max_pixels before anything is decoded, and at most
+--max_concurrent uploads are decoded and scored at once (the others wait their turn).
 
 API answers:
     200 {label, fake_probability, threshold, kind, frames, faces, rows, images, images_total}
         a photo or video without a face is a 200 too: label "uncertain (no face)",
         fake_probability null and a "message" for the user (the upload was fine, the
         detector just has nothing to judge)
-    400 no file in the request       413 over the size limit
-    415 neither an image nor a video 422 an image/video that cannot be decoded (corrupt)
+    400 no file in the request       413 over the size or pixel limit
+    415 neither an image nor a video 422 an image/video that cannot be decoded (corrupt), or too
+                                         small to hold a face
     every error is {"error": "..."}; the server keeps serving.
 """
 import argparse
@@ -26,6 +30,7 @@ import os
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from flask import Flask, jsonify, render_template, request
@@ -33,12 +38,11 @@ from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import engine
-from faces import MediaError
-from main import _positive  # the same flag check as training
+from cli import positive
+from faces import DETECT_MIN_SIDE
+from media import IMAGE_EXTS, MAX_PIXELS, MediaError, check_pixels
 from predict import NO_FACE, Predictor
 
-# Pillow format -> the extension predict.py reads as an image (GIF and friends are refused)
-IMAGE_EXTS = {"JPEG": ".jpg", "MPO": ".jpg", "PNG": ".png", "WEBP": ".webp", "BMP": ".bmp", "TIFF": ".tif"}
 # FFmpeg demuxer name (PyAV's container.format.name) -> the extension predict.py reads as a video
 VIDEO_EXTS = {"mov,mp4,m4a,3gp,3g2,mj2": ".mp4", "matroska,webm": ".mkv", "avi": ".avi",
               "mpeg": ".mpg", "flv": ".flv", "asf": ".wmv"}
@@ -55,22 +59,38 @@ class UploadError(Exception):
         self.status = status
 
 
-def sniff(path, name):
-    """('image' | 'video', safe extension) from the file's first bytes and a real decode attempt."""
+def image_extension(fmt):
+    """The extension predict.py reads a Pillow format under (media.IMAGE_EXTS), or None if it reads none."""
+    fmt = {"MPO": "JPEG"}.get(fmt, fmt)  # multi-picture JPEGs from cameras open as MPO
+    return next((ext for ext, f in sorted(Image.registered_extensions().items())
+                 if f == fmt and ext in IMAGE_EXTS), None)
+
+
+def sniff(path, name, max_pixels=MAX_PIXELS):
+    """('image' | 'video', safe extension) from the file's first bytes, its header and a structure check."""
     fmt = None
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only: size and format, no pixels
             fmt = im.format
+            try:
+                check_pixels(name, im.width, im.height, max_pixels)
+            except MediaError as e:
+                raise UploadError(413, str(e)) from None
+            if min(im.size) < DETECT_MIN_SIDE:
+                raise UploadError(422, f"{name}: {im.width}x{im.height} pixels is too small to hold a face "
+                                  f"(at least {DETECT_MIN_SIDE} px a side)")
             im.verify()  # structure checks (PNG CRCs...); a truncated JPEG fails later, in predict
     except UnidentifiedImageError:
         fmt = None  # not an image Pillow knows: maybe a video
+    except UploadError:
+        raise
     except Exception as e:  # Pillow raises many types for damaged files
         raise UploadError(422, f"{name}: a damaged {fmt + ' ' if fmt else ''}image ({e}); "
                                f"try re-saving it as JPEG or PNG")
     if fmt is not None:
-        if fmt not in IMAGE_EXTS:
-            raise UploadError(415, f"{name}: {fmt} images are not supported; use JPEG, PNG, WebP, BMP or TIFF")
-        return "image", IMAGE_EXTS[fmt]
+        if image_extension(fmt) is None:
+            raise UploadError(415, f"{name}: {fmt} images are not supported; use JPEG, PNG, WebP, BMP, GIF or TIFF")
+        return "image", image_extension(fmt)
     import av  # imported here: only uploads that are not images need it
     try:
         with av.open(str(path)) as container:
@@ -120,17 +140,22 @@ def to_json(result, name, max_images):
     return answer
 
 
-def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0, max_images=8):
+def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0, max_images=8,
+               max_concurrent=2):
     """The Flask app around one loaded Predictor (or a checkpoint path to load one from)."""
     if isinstance(predictor, (str, Path)):
         checkpoint, predictor = predictor, Predictor(predictor)
+    # Uploads are decoded and scored by this many worker threads, the others queue. Always the same
+    # threads: the memory a decode frees stays with its thread's allocator and is reused by the next,
+    # where one thread per request would each keep some. Together this bounds the server's memory.
+    scorers = ThreadPoolExecutor(max_concurrent, thread_name_prefix="scorer")
     app = Flask(__name__)
     # hard cap for the whole request (the biggest kind + room for the multipart wrapping);
     # the per-kind limit is checked once the content is known
     app.config["MAX_CONTENT_LENGTH"] = int(max(max_image_mb, max_video_mb) * 2**20) + 2**16
     limits = {"image": max_image_mb, "video": max_video_mb}
-    info = {"model": predictor.model.name, "checkpoint": str(checkpoint) if checkpoint else None,
-            "threshold": predictor.threshold}
+    info = {"model": predictor.model.name, "checkpoint": Path(checkpoint).name if checkpoint else None,
+            "threshold": predictor.threshold}  # the file name only: the server's folders are nobody's business
 
     @app.get("/")
     def index():
@@ -151,7 +176,7 @@ def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0,
         path = None
         try:
             upload.save(raw)
-            kind, ext = sniff(raw, name)
+            kind, ext = sniff(raw, name, predictor.max_pixels)
             size_mb = os.path.getsize(raw) / 2**20
             if size_mb > limits[kind]:
                 raise UploadError(413, f"{name}: {size_mb:.1f} MB is over the {limits[kind]:g} MB limit for "
@@ -159,11 +184,12 @@ def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0,
             path = raw[:-len(".part")] + ext  # same random name, an extension predict.py dispatches on
             os.replace(raw, path)
             start = time.perf_counter()
-            try:  # Predictor is thread-safe: it runs one forward/Grad-CAM at a time, decoding in parallel
-                result = predictor.predict_file(path, gradcam=True)
-            except MediaError as e:  # decodes badly: truncated JPEG, broken video stream
+            try:
+                result = scorers.submit(predictor.predict_file, path, gradcam=True).result()
+            except MediaError as e:  # decodes badly (truncated JPEG, broken video stream), or a huge frame
                 detail = str(e).replace(path, "").lstrip(": ")  # our temp name means nothing to the user
-                raise UploadError(422, f"{name}: damaged or truncated, cannot be decoded: {detail}") from None
+                status = 413 if "--max_pixels" in detail else 422
+                raise UploadError(status, f"{name}: cannot be decoded: {detail}") from None
             answer = to_json(result, name, max_images)
             answer["seconds"] = round(time.perf_counter() - start, 2)
             return jsonify(answer)
@@ -200,15 +226,19 @@ def get_args_parser():
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision, as in main.py (default: auto)")
     g.add_argument("--detector", default="yunet", choices=["yunet", "dlib"], help="face detector (default: yunet)")
-    g.add_argument("--frames", type=_positive(int), default=16, help="frames sampled per video; fewer than predict.py's "
+    g.add_argument("--frames", type=positive(int), default=16, help="frames sampled per video; fewer than predict.py's "
                    "32 so a CPU answers in seconds (default: 16)")
     g = parser.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1", help="address to listen on; 0.0.0.0 for your network "
                    "(default: 127.0.0.1, this machine only)")
     g.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
-    g.add_argument("--max_image_mb", type=_positive(float), default=10, help="largest image upload in MB (default: 10)")
-    g.add_argument("--max_video_mb", type=_positive(float), default=50, help="largest video upload in MB (default: 50)")
-    g.add_argument("--max_images", type=_positive(int), default=8, help="face crops + heatmaps returned per upload, "
+    g.add_argument("--max_image_mb", type=positive(float), default=10, help="largest image upload in MB (default: 10)")
+    g.add_argument("--max_video_mb", type=positive(float), default=50, help="largest video upload in MB (default: 50)")
+    g.add_argument("--max_pixels", type=positive(int), default=MAX_PIXELS, help="largest picture or video frame in "
+                   f"pixels, checked before decoding (default: {MAX_PIXELS:,}, about 120 MB as RGB)")
+    g.add_argument("--max_concurrent", type=positive(int), default=2, help="uploads decoded and scored at "
+                   "once; the others wait (default: 2)")
+    g.add_argument("--max_images", type=positive(int), default=8, help="face crops + heatmaps returned per upload, "
                    "spread over the video (default: 8)")
     return parser
 
@@ -216,14 +246,15 @@ def get_args_parser():
 def main(args):
     try:
         predictor = Predictor(args.checkpoint, device=args.device, precision=args.precision,
-                              detector=args.detector, frames=args.frames)
+                              detector=args.detector, frames=args.frames, max_pixels=args.max_pixels)
     except (engine.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ImportError as e:  # the detector's package is missing (yuface has no wheel for every Python)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    app = create_app(predictor, args.checkpoint, args.max_image_mb, args.max_video_mb, args.max_images)
+    app = create_app(predictor, args.checkpoint, args.max_image_mb, args.max_video_mb, args.max_images,
+                     args.max_concurrent)
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl-C to stop)")
     # never debug mode: its console runs any code a visitor types. A taken port or unknown
     # host is reported by werkzeug itself on one line (exit code 1).

@@ -1,26 +1,20 @@
-"""How fast is the default training path? Measured against the plain one, in one run.
+"""Every speed measurement of the project, one subcommand each, side by side in one run.
 
-    python benchmark.py --data_root ../shared/data/faces140k
-    python benchmark.py --data_root ../shared/data/faces140k --batches 6 --batch_size 32
+    python benchmark.py train     # training/inference img/s: default path vs plain fp32
+    python benchmark.py predict   # predict.py's model img/s vs fp32 eager, one image and batched
+    python benchmark.py features  # a head epoch on cached features vs a full epoch
+    python benchmark.py faces     # ms per frame of video decoding, YuNet and dlib
 
-Every row trains and evaluates the same ResNet18 (random init) on the same
-images, batch size and data-loading workers; only the listed options change:
-
-    plain fp32      decode every JPEG every epoch, fp32, NCHW  (what a first script does)
-    cache fp32      decoded uint8 cache, fp32
-    plain bf16+CL   decoding every epoch, bf16 autocast + channels_last
-    default         cache + bf16 autocast + channels_last      (main.py's path on this CPU)
-
-Speeds are images/s over `--batches` timed batches after one warm-up batch.
-The rows are measured in turn, `--rounds` times, and each row keeps its best
-round, so a burst of load from another process does not decide the ratio. The
-machines here are shared: read the ratios (all from this one run), not the
-absolute numbers.
+Each prints a table and the machine it ran on (CPU model and its avx2 / avx512_bf16 / amx
+flags, or the GPU). Rows are measured in turn, `--rounds` times, and each keeps its best,
+so a burst of load from another process does not decide a ratio. The machines here are
+shared: read the ratios (all from one run), not the absolute numbers.
 """
 import argparse
 import itertools
 import os
 import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,23 +22,39 @@ from torch.utils.data import DataLoader
 
 import dataset
 import engine
+import features
+import utils
+from cli import positive
+from media import MediaError, is_video, load_rgb, sample_frames
 from model import DeepfakeDetector
 
+FACES = "../shared/data/faces140k"
 
-def get_args_parser():
-    parser = argparse.ArgumentParser(description="Training/inference speed of the default path vs plain fp32")
-    parser.add_argument("--data_root", default="../shared/data/faces140k", help="images to time on "
-                        "(default: ../shared/data/faces140k)")
-    parser.add_argument("--batch_size", type=int, default=32, help="images per batch (default: 32)")
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per measurement (default: 6)")
-    parser.add_argument("--rounds", type=int, default=2, help="measure every row this many times, "
-                        "interleaved, and keep each row's best (default: 2)")
-    parser.add_argument("--image_size", type=int, default=224, help="input size (default: 224)")
-    parser.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="data-loading processes, the same for every row (default: min(2, CPU count))")
-    parser.add_argument("--cache_dir", default="cache", help="decoded-image cache (default: cache)")
-    return parser
 
+def machine(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else utils.cpu_description()
+    return f"{name}; torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def best_of(rounds, rows, measure):
+    """{row: best value (per element for tuples)}, measuring every row once per round, rows taking turns."""
+    best = {}
+    for r in range(rounds):
+        for row in rows:
+            value = measure(row)
+            print(f"  round {r + 1} {row}: {value}")
+            best[row] = tuple(map(max, best[row], value)) if isinstance(value, tuple) and row in best \
+                else max(best.get(row, value), value)
+    return best
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- train: the default path vs plain fp32
 
 def images_per_s(step, loader, batches):
     """Run `step` on one warm-up batch, then time `batches` more (data loading included)."""
@@ -57,67 +67,210 @@ def images_per_s(step, loader, batches):
     return seen / (time.perf_counter() - start)
 
 
-def measure(ds, eval_tf, amp, channels_last, args):
+def train_and_infer(ds, eval_ds, precision, args):
+    """(train img/s, inference img/s) of a fresh ResNet18 on `ds`, run as `precision` says."""
     torch.manual_seed(0)
-    model = DeepfakeDetector("resnet18", weights="none")
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = precision.prepare(DeepfakeDetector("resnet18", weights="none"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = nn.CrossEntropyLoss()
-    loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        drop_last=True)
 
     def train_step(images, labels):
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            loss = criterion(model(images.contiguous(memory_format=fmt)).float(), labels)
+        with precision.autocast():
+            loss = criterion(model(precision.to_device(images)).float(), labels.to(precision.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
 
     @torch.inference_mode()
     def infer_step(images, labels):
-        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
-            model(images.contiguous(memory_format=fmt))
+        with precision.autocast():
+            model(precision.to_device(images))
 
+    loader = lambda d: DataLoader(d, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,  # noqa
+                                  drop_last=True)
     model.train()
-    train = images_per_s(train_step, loader, args.batches)
-    # inference reads the same images through the deterministic eval transform
-    eval_ds = dataset.DeepfakeDataset(ds.samples, eval_tf, ds.cache, ds.size)
+    train = images_per_s(train_step, loader(ds), args.batches)
     model.eval()
-    infer = images_per_s(infer_step, DataLoader(eval_ds, batch_size=args.batch_size, num_workers=args.workers,
-                                                drop_last=True), args.batches * 2)
-    return train, infer
+    return train, images_per_s(infer_step, loader(eval_ds), args.batches * 2)
 
 
-def main(args):
-    torch.manual_seed(0)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+def bench_train(args):
+    device = utils.get_device(args.device)
+    default = utils.choose_precision(device, "auto")
+    fp32 = utils.Precision(device)
+    mean, std = DeepfakeDetector("resnet18", "none").mean, DeepfakeDetector("resnet18", "none").std
     n = args.batch_size * (args.batches * 2 + 2)  # enough images that no timed batch repeats a decode
     data = dataset.prepare_data(args.data_root, args.image_size, mean, std, val_fraction=0.0, test_fraction=0.0,
                                 max_per_class=n // 2 + 1, cache_dir=args.cache_dir, workers=args.workers)
     cached = data.datasets["train"]
     plain = dataset.DeepfakeDataset(cached.samples, cached.transform, cache=None, size=cached.size)
-    bf16 = torch.bfloat16 if engine.cpu_supports_bf16() else None
-    rows = [("plain fp32", plain, None, False), ("cache fp32", cached, None, False),
-            ("plain bf16+CL", plain, bf16, True), ("default", cached, bf16, True)]
-    if bf16 is None:
-        print("this CPU has no native bf16: main.py's default path is fp32 here; bf16 rows skipped")
-        rows = rows[:2]
+    as_eval = lambda d: dataset.DeepfakeDataset(d.samples, dataset.eval_transform(args.image_size, mean, std),  # noqa
+                                                d.cache, d.size)
+    rows = {"plain fp32 (decode every JPEG, fp32, NCHW)": (plain, fp32), "cache fp32": (cached, fp32),
+            f"plain {default}": (plain, default), f"**default** (cache + {default})": (cached, default)}
     print(f"ResNet18 {args.image_size}px, batch {args.batch_size}, {args.workers} loader workers, "
-          f"{torch.get_num_threads()} torch threads, {len(cached)} images, CPU")
-    results = {}
-    for r in range(args.rounds):
-        for name, ds, amp, cl in rows:
-            train, infer = measure(ds, data.datasets["test"].transform, amp, cl, args)
-            print(f"  round {r + 1} {name}: train {train:.1f} img/s, inference {infer:.1f} img/s")
-            best = results.get(name, (0.0, 0.0))
-            results[name] = (max(best[0], train), max(best[1], infer))
-    base_train, base_infer = results["plain fp32"]
+          f"{len(cached)} images; {machine(device)}")
+    results = best_of(args.rounds, list(rows), lambda row: train_and_infer(rows[row][0], as_eval(rows[row][0]),
+                                                                            rows[row][1], args))
+    (base_train, base_infer) = results[next(iter(rows))]
     print("\n| path | train img/s | x plain | inference img/s | x plain |\n| --- | --- | --- | --- | --- |")
     for name, (train, infer) in results.items():
         print(f"| {name} | {train:.1f} | {train / base_train:.2f} | {infer:.1f} | {infer / base_infer:.2f} |")
     return results
+
+
+# ---------------------------------------------------------------- predict: model img/s of predict.py's path
+
+def bench_predict(args):
+    """Model img/s of predict.py's default path vs plain fp32 eager, on the same face crops.
+
+    --checkpoint none builds a random 224 px resnet18 (speed does not depend on the weights).
+    Crops are decoded and preprocessed once: this times the model only.
+    """
+    device = utils.get_device(args.device)
+    ckpt = args.checkpoint
+    if ckpt == "none":  # a throwaway checkpoint of a random resnet18
+        ckpt = Path(args.cache_dir) / "benchmark-random-resnet18.pt"
+        engine.save_checkpoint({"model": DeepfakeDetector("resnet18", "none").state_dict(),
+                                "args": {"model": "resnet18", "image_size": 224}}, ckpt)
+    fast = engine.load_detector(ckpt, device, "auto")
+    plain = engine.load_detector(ckpt, device, "fp32")
+    paths = sorted(p for p in Path(args.input).rglob("*") if p.suffix.lower() in (".jpg", ".png"))[:args.images]
+    x = torch.stack([fast.preprocess(load_rgb(p)) for p in paths])
+
+    def eager(batch):
+        with torch.no_grad():
+            engine.fake_probability(plain.model(batch.to(device)))
+
+    rows = {"fp32 eager, 1 image at a time": (eager, 1), f"fp32 eager, batch {args.batch_size}": (eager, args.batch_size),
+            f"default: {fast.precision} + inference_mode, batch {args.batch_size}": (fast.fake_probs, args.batch_size)}
+    for fn, bs in rows.values():
+        fn(x[:bs])  # warm-up: first calls pick kernels and allocate
+
+    def speed(row):
+        fn, bs = rows[row]
+        return len(x) / timed(lambda: [fn(x[i:i + bs]) for i in range(0, len(x), bs)])
+    print(f"{len(x)} face crops at {fast.image_size} px; model only; {machine(device)}")
+    speeds = best_of(args.rounds, list(rows), speed)
+    base = speeds[next(iter(rows))]
+    print(f"\n| path | img/s | x |\n| --- | --- | --- |")
+    for name, s in speeds.items():
+        print(f"| {name} | {s:.1f} | {s / base:.2f} |")
+    return speeds
+
+
+# ---------------------------------------------------------------- features: the frozen-backbone fast path
+
+def bench_features(args, head_epochs=5):
+    """A full training epoch, a frozen-backbone epoch on images, the one-time feature pass and
+    head epochs on cached features, on the same data in one run."""
+    device = utils.get_device(args.device)
+    precision = utils.choose_precision(device, "auto")
+    utils.seed_everything(0)
+    model = DeepfakeDetector(args.model, "none")
+    data = dataset.prepare_data(args.data_root, model.input_size, model.mean, model.std,
+                                max_per_class=args.max_per_class, cache_dir=args.cache_dir, workers=args.workers)
+    train_ds = data.datasets["train"]
+    train_ds.transform = data.datasets["val"].transform  # no augmentation: what the fast path requires
+    precision.prepare(model)
+    train = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.AdamW(model.param_groups(1e-4), lr=1e-4)
+    epoch = lambda net, loader: timed(lambda: engine.train_one_epoch(net, criterion, optimizer, loader,  # noqa
+                                                                      precision, 0))
+    epoch(model, train)  # warm-up: first-call kernel selection and worker start-up are not epoch cost
+    full = epoch(model, train)
+    model.freeze_backbone(True)
+    frozen = epoch(model, train)
+    cached = {}
+    extract_s = timed(lambda: cached.update(train=features.feature_loader(model.backbone, train, precision)))
+    head_s = sorted(epoch(model.head, cached["train"]) for _ in range(head_epochs))[head_epochs // 2]  # median
+    rows = [("full training epoch (backbone + head)", full), ("frozen backbone, plain path (forward every epoch)",
+                                                              frozen),
+            ("frozen backbone, feature pass (first epoch, once)", extract_s),
+            (f"frozen backbone, cached features (median of {head_epochs})", head_s)]
+    print(f"\n{args.model}, {len(train_ds)} training images at {model.input_size} px, batch {args.batch_size}, "
+          f"{precision}; {machine(device)}")
+    print(f"\n| epoch | seconds | x cheaper |\n| --- | --- | --- |")
+    for name, seconds in rows:
+        print(f"| {name} | {seconds:.4f} | {full / seconds:.1f} |")
+    return {"full_epoch_s": full, "frozen_epoch_s": frozen, "feature_pass_s": extract_s, "head_epoch_s": head_s,
+            "speedup": full / head_s}
+
+
+# ---------------------------------------------------------------- faces: decoding and face detection
+
+def bench_faces(args):
+    """ms/frame of decoding and of each detector, per clip, on frames sampled as in a faces.py run."""
+    import faces  # here: the other subcommands need no face detector package
+    detectors = {name: faces.load_detector(name) for name in ("yunet", "dlib")}
+    totals = {name: [0, 0.0] for name in ["decode", *detectors]}  # frames, seconds
+    sources = sorted(p for p in Path(args.input).rglob("*") if is_video(p)) if Path(args.input).is_dir() \
+        else [Path(args.input)]
+    print(f"load average {os.getloadavg()[0]:.1f}; one process; {machine(torch.device('cpu'))}")
+    print(f"\n| clip | size | frames | step | faces/frame | ms/frame | frames/s |\n| --- | --- | --- | --- | --- | --- | --- |")
+
+    def row(clip, size, n, step, found, seconds):
+        totals[step][0] += n
+        totals[step][1] += seconds
+        print(f"| {clip} | {size} | {n} | {step} | {found} | {1000 * seconds / n:.1f} | {n / seconds:.1f} |")
+    for src in sources:
+        try:
+            start = time.perf_counter()
+            frames = [rgb for _, rgb in sample_frames(src, args.frames)]
+            decode_s = time.perf_counter() - start
+        except MediaError as e:
+            print(f"WARNING: {e}")
+            continue
+        size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
+        row(src.name, size, len(frames), "decode", "", decode_s)
+        for name, detect in detectors.items():
+            start = time.perf_counter()
+            found = sum(len(detect(rgb)) for rgb in frames)
+            row(src.name, size, len(frames), name, f"{found / len(frames):.2f}", time.perf_counter() - start)
+    for step, (n, seconds) in totals.items():
+        if n:
+            print(f"| ALL | | {n} | {step} | | {1000 * seconds / n:.1f} | {n / seconds:.1f} |")
+    return {step: n / seconds for step, (n, seconds) in totals.items() if n}
+
+
+# ---------------------------------------------------------------- command line
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Speed measurements, side by side in one run")
+    sub = parser.add_subparsers(dest="what", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N (default: auto)")
+    common.add_argument("--rounds", type=positive(int), default=2, help="measure every row this many times, "
+                        "interleaved, and keep each row's best (default: 2)")
+    common.add_argument("--cache_dir", default="cache", help="decoded-image cache (default: cache)")
+    common.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                        help="data-loading processes (default: min(2, CPU count))")
+    p = sub.add_parser("train", parents=[common], help="training and inference img/s vs plain fp32")
+    p.add_argument("--data_root", default=FACES, help=f"images to time on (default: {FACES})")
+    p.add_argument("--batch_size", type=positive(int), default=32, help="images per batch (default: 32)")
+    p.add_argument("--batches", type=positive(int), default=6, help="timed batches per measurement (default: 6)")
+    p.add_argument("--image_size", type=positive(int), default=224, help="input size (default: 224)")
+    p = sub.add_parser("predict", parents=[common], help="predict.py's model img/s vs fp32 eager")
+    p.add_argument("--checkpoint", default="none", help="a checkpoint, or none for a random resnet18 (default: none)")
+    p.add_argument("--input", default=FACES, help=f"face crops to score (default: {FACES})")
+    p.add_argument("--images", type=positive(int), default=128, help="how many crops (default: 128)")
+    p.add_argument("--batch_size", type=positive(int), default=32, help="faces per forward pass (default: 32)")
+    p = sub.add_parser("features", parents=[common], help="cached-feature head epochs vs full epochs")
+    p.add_argument("--data_root", default=FACES, help=f"images (default: {FACES})")
+    p.add_argument("--model", default="resnet18", help="backbone (default: resnet18)")
+    p.add_argument("--max_per_class", type=positive(int), default=150, help="images per class (default: 150)")
+    p.add_argument("--batch_size", type=positive(int), default=16, help="images per batch (default: 16)")
+    p = sub.add_parser("faces", parents=[common], help="decoding and face detection ms/frame")
+    p.add_argument("--input", default="../shared/data/videos", help="a video or a folder of them "
+                   "(default: ../shared/data/videos)")
+    p.add_argument("--frames", type=positive(int), default=16, help="frames sampled per video (default: 16)")
+    return parser
+
+
+def main(args):
+    return {"train": bench_train, "predict": bench_predict, "features": bench_features,
+            "faces": bench_faces}[args.what](args)
 
 
 if __name__ == "__main__":

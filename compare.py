@@ -4,8 +4,8 @@
         --data_root ../shared/data/faces140k --weights none --epochs 2 --max_per_class 150
     python compare.py --models resnet18,convnext_tiny --data_root Dataset --epochs 5 --overwrite
 
-Every flag except --models is main.py's and is passed to each run unchanged, with
---model NAME and --output_dir <output_dir>/compare/NAME added. --image_size defaults
+Every flag except --models is main.py's and is passed to each `python main.py` run
+unchanged, with --model NAME and --output_dir <output_dir>/compare/NAME added. --image_size defaults
 to 224 for every model (not each model's own preset: efficientnet_v2_s would get 384,
 which is no fair race), so all models read the same cached pixels.
 
@@ -18,39 +18,19 @@ import argparse
 import csv
 import hashlib
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
 
-import main  # imports report.py, which sets matplotlib's file-only backend before pyplot loads
+import matplotlib
+matplotlib.use("Agg")  # files only, never windows
 import matplotlib.pyplot as plt
 
+import engine
+from model import MODELS
+
 FAIR_IMAGE_SIZE = 224
-
-
-def peak_rss_mib():
-    """This process's peak resident memory. On Linux read VmHWM: ru_maxrss survives exec, so a
-    child started by a big parent (pytest, a notebook) would report the parent's peak instead."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024  # kB -> MiB
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux (bytes on macOS)
-
-
-def child(argv):
-    """Runs inside the subprocess: train and report one model, then record its peak memory."""
-    import torch
-    baseline = peak_rss_mib()  # after imports
-    args = main.parse_args(argv)
-    main.main(args)
-    memory = {"peak_rss_mib": peak_rss_mib(), "baseline_rss_mib": baseline}
-    if torch.cuda.is_available():
-        memory["cuda_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
-    (Path(args.output_dir) / "memory.json").write_text(json.dumps(memory, indent=2))
+MAIN = Path(__file__).resolve().with_name("main.py")
 
 
 def last_message(log_text):
@@ -60,45 +40,43 @@ def last_message(log_text):
     return (errors or lines or ["no output"])[-1][:300]
 
 
-def count_parameters(name, image_size):
-    from model import DeepfakeDetector
-    return sum(p.numel() for p in DeepfakeDetector(name, "none", image_size=image_size).parameters())
+def bare_torch_memory_mib():
+    """Peak resident memory of a Python process that only imports torch and torchvision."""
+    code = "import torch, torchvision, utils; print(utils.peak_memory_mib())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MAIN.parent)
+    return float(done.stdout.strip() or 0)
 
 
 def run_model(name, argv, out):
-    """Train and test one model in its own process; returns its table row (with "error" if it failed).
-
-    A subprocess, not a function call: a model that crashes or runs out of memory loses only
-    its own row, and getrusage's peak resident memory then belongs to that model alone.
-    """
+    """Train and test one model with main.py in its own process; returns its table row (with "error"
+    if it failed). A subprocess, not a function call: a model that crashes or runs out of memory loses
+    only its own row, and the peak memory main.py records then belongs to that model alone."""
     folder = out / "compare" / name
     folder.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", *argv, "--model", name,
-           "--output_dir", str(folder)]
     print(f"== {name}: training, output in {folder / 'train.log'}", flush=True)
     with open(folder / "train.log", "w") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run([sys.executable, str(MAIN), *argv, "--model", name, "--output_dir", str(folder)],
+                            stdout=log, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         why = last_message((folder / "train.log").read_text(errors="replace"))
         print(f"   failed (exit code {rc}): {why}")
         return {"model": name, "error": f"exit code {rc}: {why}"}
     row = read_row(name, folder)
     print(f"   accuracy {row['accuracy']:.4f}  F1 {row['f1']:.4f}  ROC-AUC {row['roc_auc']:.4f}  "
-          f"{row['train_s']:.0f} s  {row['infer_img_s']:.1f} img/s  {row['memory_mib']:.0f} MiB")
+          f"{row['train_s']:.0f} s  {row['infer_img_s']:.1f} img/s  {row['peak_mib']:.0f} MiB")
     return row
 
 
 def read_row(name, folder):
     """One table row from the files a finished run left in its folder."""
     metrics = json.loads((folder / "metrics.json").read_text())
-    memory = json.loads((folder / "memory.json").read_text())
     with open(folder / "history.csv", newline="") as f:
         train_s = sum(float(r["epoch_s"]) for r in csv.DictReader(f))
+    model = engine.load_detector(folder / "checkpoints" / "best.pt", "cpu", "fp32").model
     m = metrics["at_val_threshold"]
     return {"model": name, "accuracy": m["accuracy"], "f1": m["f1"], "roc_auc": m["roc_auc"],
-            "params_m": count_parameters(name, metrics["checkpoint_args"]["image_size"]) / 1e6,
-            "train_s": train_s, "infer_img_s": metrics["inference_img_s"],
-            "memory_mib": memory.get("cuda_peak_mib", memory["peak_rss_mib"] - memory["baseline_rss_mib"]),
+            "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+            "train_s": train_s, "infer_img_s": metrics["inference_img_s"], "peak_mib": metrics["peak_memory_mib"],
             "split_sha1": hashlib.sha1((folder / "split.csv").read_bytes()).hexdigest()}
 
 
@@ -150,21 +128,32 @@ def plot(rows, path):
 
 def compare(models, argv):
     """Train every model with the same main.py flags; write the table and the figure. Returns the rows."""
-    if not any(a.split("=")[0] == "--image_size" for a in argv):
+    shared, _ = shared_flags().parse_known_args(argv)
+    if shared.image_size is None:
         argv = [*argv, "--image_size", str(FAIR_IMAGE_SIZE)]
-    args = main.parse_args(argv)  # check the shared flags once, before any model trains
-    out = Path(args.output_dir)
+    out = Path(shared.output_dir)
     md, png = out / "model_comparison.md", out / "model_comparison.png"
-    if md.exists() and not args.overwrite:
+    if md.exists() and not shared.overwrite:
         sys.exit(f"{md} already holds a comparison; pass --overwrite to replace it (and the runs "
                  f"in {out / 'compare'}), or pick another --output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    rows = [run_model(name, argv, out) for name in models]
+    rows = []
+    for name in models:
+        if name not in MODELS:
+            print(f"== {name}: not a model of model.py, skipped")
+            rows.append({"model": name, "error": f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})"})
+            continue
+        rows.append(run_model(name, argv, out))
+        if rows[-1].get("error", "").startswith("exit code 2:"):  # argparse: a shared flag is wrong for every model
+            sys.exit(f"error: main.py refused the flags: {rows[-1]['error'].split(': ', 1)[1]}")
     import torch
+    bare = bare_torch_memory_mib()
+    for r in rows:
+        if "peak_mib" in r:  # on a GPU main.py records CUDA allocations, on a CPU resident memory
+            r["memory_mib"] = r["peak_mib"] - (0 if torch.cuda.is_available() else bare)
     memory_note = ("torch.cuda.max_memory_allocated of each run" if torch.cuda.is_available() else
-                   "growth of the training process's peak resident memory (VmHWM, one "
-                   "subprocess per model) over the same process right after importing torch; "
-                   "data-loading worker processes not included")
+                   f"growth of the training process's peak resident memory (VmHWM, one process per model) "
+                   f"over a process that only imports torch ({bare:.0f} MiB); data-loading workers not included")
     write_markdown(rows, md, "python " + " ".join(["compare.py", "--models", ",".join(models), *argv]), memory_note)
     if any("error" not in r for r in rows):
         plot(rows, png)
@@ -172,8 +161,17 @@ def compare(models, argv):
     return rows
 
 
+def shared_flags():
+    """The few main.py flags compare.py itself needs; main.py checks all of them."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--output_dir", default="results")
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--image_size", default=None)
+    return parser
+
+
 def parse_args(argv=None):
-    """compare.py's own flag; everything else is left for main.py's parser."""
+    """compare.py's own flag; everything else is passed to main.py."""
     parser = argparse.ArgumentParser(description="Compare backbones on one split; other flags: python main.py -h")
     parser.add_argument("--models", default="resnet18,mobilenet_v3_large,efficientnet_b0",
                         help="comma-separated backbones, see main.py --model "
@@ -183,7 +181,4 @@ def parse_args(argv=None):
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--child"]:
-        child(sys.argv[2:])
-    else:
-        compare(*parse_args())
+    compare(*parse_args())

@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 import random
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -31,13 +30,12 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
+from cli import progress
+from media import IMAGE_EXTS, MediaError, crop_source, load_rgb
 
 CLASSES = ("real", "fake")  # index = label
 CLASS_DIRS = ("real_data", "fake_data")
 SPLITS = ("train", "val", "test")
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-# frames written by faces.py: <source>_f0012_0.jpg (or <source>_f0012.jpg)
-FRAME_NAME = re.compile(r"^(?P<source>.+)_f\d+(_\d+)?$")
 LAYOUT_HELP = ("expected <root>/real_data/ and <root>/fake_data/ with images, "
                "or <root>/{train,val,test}/{real_data,fake_data}/ (see Dataset/README.md)")
 
@@ -76,8 +74,7 @@ def _class_samples(folder, split=""):
             raise DatasetError(f"{d}: no images ({', '.join(sorted(IMAGE_EXTS))}); {LAYOUT_HELP}")
         sources = _manifest_sources(d)
         for p in files:
-            m = FRAME_NAME.match(p.stem)
-            source = sources.get(p.name) or (m["source"] if m else "")
+            source = sources.get(p.name) or crop_source(p)
             samples.append(Sample(str(p), label, group=source, split=split))
     return samples
 
@@ -108,24 +105,6 @@ def find_samples(root):
 
 # ---------------------------------------------------------------- loading pixels
 
-def load_rgb(path):
-    """Open any image as 8-bit RGB: grayscale, palette, RGBA, CMYK and 16-bit included."""
-    with Image.open(path) as im:
-        im.load()  # decode now, so a truncated file fails here and not in a worker
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit: scale 0..65535 to 0..255 (convert("L") would clip instead)
-            a = np.asarray(im, dtype=np.float32) / 257.0
-            im = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
-        if im.mode == "P":
-            im = im.convert("RGBA")
-        if im.mode in ("RGBA", "LA", "PA"):
-            # transparent pixels become white, as most viewers show them
-            background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(background, im.convert("RGBA"))
-        return im.convert("RGB")
-
-
 def resize_square(im, size):
     """Resize the short side to `size` and centre-crop a square: PIL image -> (size, size, 3) uint8."""
     return np.array(ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR))
@@ -146,7 +125,8 @@ class _Decode(Dataset):
             digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
             return i, resize_square(load_rgb(path), self.size), digest, ""
         except Exception as e:  # any decoder error means: skip this file, say why
-            return i, np.zeros((self.size, self.size, 3), np.uint8), "", f"{type(e).__name__}: {e}"
+            why = str(e).removeprefix(f"{path}: ") if isinstance(e, MediaError) else f"{type(e).__name__}: {e}"
+            return i, np.zeros((self.size, self.size, 3), np.uint8), "", why
 
 
 def build_cache(samples, size, cache_dir="cache", workers=2):
@@ -168,8 +148,7 @@ def build_cache(samples, size, cache_dir="cache", workers=2):
         images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (len(paths), size, size, 3))
         index = {"paths": paths, "digests": [""] * len(paths), "errors": {}}
         loader = DataLoader(_Decode(paths, size), batch_size=None, num_workers=workers)
-        from tqdm import tqdm
-        for i, pixels, digest, error in tqdm(loader, desc=f"caching {len(paths)} images", unit="img"):
+        for i, pixels, digest, error in progress(loader, f"caching {len(paths)} images", unit="img"):
             images[i], index["digests"][i] = pixels.numpy(), digest
             if error:
                 index["errors"][paths[i]] = error
@@ -233,6 +212,18 @@ def split_groups(samples, val_fraction, test_fraction, seed):
             for s in groups[g]:
                 s.split = split
             filled[split] += len(groups[g])
+
+
+def drop_cross_class_copies(samples):
+    """The same bytes under real_data/ and fake_data/ is a labelling error: leave out every copy.
+
+    Returns (kept samples, sorted paths of the copies left out).
+    """
+    labels = {}
+    for s in samples:
+        labels.setdefault(s.digest, set()).add(s.label)
+    both = {digest for digest, seen in labels.items() if len(seen) > 1}
+    return [s for s in samples if s.digest not in both], sorted(s.path for s in samples if s.digest in both)
 
 
 def drop_cross_split_copies(samples):
@@ -315,6 +306,7 @@ class Data:
     datasets: dict
     samples: list
     corrupt: dict = field(default_factory=dict)   # path -> error
+    conflicts: list = field(default_factory=list) # paths of images found in both classes, left out
     duplicates: int = 0                           # byte-identical copies found
     dropped_copies: int = 0                       # pre-split: val/test copies of train files, removed
     multi_file_groups: int = 0                    # groups of >1 file (video frames, copies)
@@ -336,7 +328,11 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
         warnings.warn(f"skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
                       + "\n  ".join(f"{p} ({e})" for p, e in list(corrupt.items())[:20])
                       + ("\n  ..." if len(corrupt) > 20 else ""), stacklevel=2)
-    samples = [s for s in samples if s.path not in corrupt]
+    samples, conflicts = drop_cross_class_copies([s for s in samples if s.path not in corrupt])
+    if conflicts:
+        warnings.warn(f"left out {len(conflicts)} file(s) whose bytes are in both real_data and fake_data; "
+                      f"keep each image in one class:\n  " + "\n  ".join(conflicts[:20])
+                      + ("\n  ..." if len(conflicts) > 20 else ""), stacklevel=2)
     for label, name in enumerate(CLASS_DIRS):
         if not any(s.label == label for s in samples):
             raise DatasetError(f"{root}: no readable images left in {name}/; nothing to train on")
@@ -355,7 +351,7 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
                                        cache if use_cache else None, cache_size_for(image_size))
                 for split in SPLITS}
-    return Data(datasets, samples, corrupt, duplicates, dropped,
+    return Data(datasets, samples, corrupt, conflicts, duplicates, dropped,
                 sum(n > 1 for n in sizes.values()), presplit)
 
 

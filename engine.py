@@ -1,63 +1,40 @@
-"""Training and evaluation loops, device and precision choice, checkpoints.
+"""Training and evaluation loops, checkpoints, and a trained detector loaded back for scoring.
 
 Loops take every object they use as an argument and return a dict of metrics;
 main.py and report.py build the logs and plots from those dicts.
+
+    stats = train_one_epoch(model, criterion, optimizer, loader, precision, epoch)  # {"loss", "acc", "img_s"}
+    stats = evaluate(model, criterion, loader, precision)        # + "probs" (P(fake)) and "labels"
+    detector = load_detector("results/checkpoints/best.pt")      # model, transform, threshold, args
 """
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+import dataset
+from cli import progress
+from model import MODELS, DeepfakeDetector
+from utils import choose_precision, get_device
+
+DEFAULT_THRESHOLD = 0.5  # the decision threshold of a checkpoint that stores none (interrupted run)
 
 
-def get_device(name="auto"):
-    """CUDA when present, else CPU; `name` ("cpu", "cuda", "cuda:1") overrides."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def fake_probability(logits):
+    """(B, 2) logits -> (B,) P(fake), in fp32 whatever the autocast dtype."""
+    return logits.float().softmax(1)[:, 1]
 
 
-def cpu_supports_bf16():
-    """True on CPUs with native bf16 math (AVX512-BF16 or AMX), where bf16 autocast pays off."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def autocast_dtype(device, precision="auto"):
-    """The dtype for torch.autocast, or None for plain fp32.
-
-    auto: bf16 on CUDA GPUs that have it (else fp16) and on CPUs with native bf16;
-    fp32 elsewhere, since emulated bf16 on an old CPU is slower than fp32.
-    """
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if device.type == "cpu" and cpu_supports_bf16() else None
-
-
-def _to_device(images, device, channels_last):
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return images.to(device, non_blocking=True, memory_format=fmt)
-
-
-def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp_dtype=None,
-                    scaler=None, channels_last=False, desc=None):
+def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scaler=None, desc=None):
     """One pass over `loader`; returns {"loss", "acc", "img_s"} averaged over images."""
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
-    bar = tqdm(loader, desc=desc or f"train {epoch}", leave=False, unit="batch")
+    bar = progress(loader, desc or f"train {epoch}")
     for images, labels in bar:
-        images, labels = _to_device(images, device, channels_last), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        images, labels = precision.to_device(images), labels.to(precision.device, non_blocking=True)
+        with precision.autocast():
             logits = model(images)
             loss = criterion(logits.float(), labels)
         # compute gradient and step (the scaler only acts for fp16 on CUDA)
@@ -73,27 +50,32 @@ def train_one_epoch(model, criterion, optimizer, loader, device, epoch, amp_dtyp
         total_loss += loss.item() * n  # weight by batch size: the last batch may be small
         correct += (logits.argmax(1) == labels).sum().item()
         seen += n
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}",
-                        img_s=f"{seen / (time.perf_counter() - start):.1f}")
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
     return {"loss": total_loss / seen, "acc": correct / seen, "img_s": seen / (time.perf_counter() - start)}
 
 
 @torch.inference_mode()
-def evaluate(model, criterion, loader, device, amp_dtype=None, channels_last=False, desc="eval"):
+def evaluate(model, criterion, loader, precision, desc="eval"):
     """Returns {"loss", "acc", "img_s"} plus "probs" (P(fake) per image) and "labels" as numpy arrays."""
     model.eval()
     total_loss, probs, labels_all, start = 0.0, [], [], time.perf_counter()
-    for images, labels in tqdm(loader, desc=desc, leave=False, unit="batch"):
-        images, labels = _to_device(images, device, channels_last), labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    for images, labels in progress(loader, desc):
+        images, labels = precision.to_device(images), labels.to(precision.device, non_blocking=True)
+        with precision.autocast():
             logits = model(images).float()
         total_loss += criterion(logits, labels).item() * labels.size(0)
-        probs.append(logits.softmax(1)[:, 1].cpu())
+        probs.append(fake_probability(logits).cpu())
         labels_all.append(labels.cpu())
     probs, labels_all = torch.cat(probs).numpy(), torch.cat(labels_all).numpy()
     n = len(labels_all)
     return {"loss": total_loss / n, "acc": float(((probs >= 0.5) == labels_all).mean()),
             "img_s": n / (time.perf_counter() - start), "probs": probs, "labels": labels_all}
+
+
+# ---------------------------------------------------------------- checkpoints
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
 
 
 def save_checkpoint(state, path):
@@ -105,10 +87,6 @@ def save_checkpoint(state, path):
     os.replace(tmp, path)
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used; the message names the file."""
-
-
 def load_checkpoint(path, map_location="cpu"):
     """Load one of our checkpoint dicts, safely (weights_only=True: tensors and plain data only)."""
     if not Path(path).is_file():
@@ -118,15 +96,55 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # torch's own text suggests weights_only=False: never do that with files you got
         raise CheckpointError(f"{path}: not a checkpoint written by main.py, or a damaged one "
                               f"({type(e).__name__}); train one with python main.py") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "args" not in ckpt:
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("args"), dict):
         raise CheckpointError(f"{path}: not a checkpoint written by main.py (no 'model'/'args' entries)")
     return ckpt
 
 
-def seed_everything(seed):
-    """Seed python, numpy and torch. Full GPU determinism would also need
-    torch.backends.cudnn.deterministic = True, which costs speed; we leave it off."""
-    import random
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+@dataclass
+class Detector:
+    """A trained detector, ready to score: what load_detector returns."""
+    model: DeepfakeDetector       # in eval mode, on precision.device
+    precision: object             # utils.Precision: device, autocast dtype, memory layout
+    transform: object             # dataset.eval_transform for the checkpoint's image size
+    image_size: int
+    threshold: float              # P(fake) >= threshold -> "fake"
+    threshold_source: str
+    args: dict                    # the flags the checkpoint was trained with
+    epoch: int                    # 0-based epoch the weights are from
+
+    def preprocess(self, pil):
+        """PIL face crop -> normalized (3, S, S), exactly as the training cache + eval transform."""
+        pixels = dataset.resize_square(pil, dataset.cache_size_for(self.image_size))  # (s, s, 3) uint8
+        return self.transform(torch.from_numpy(pixels).permute(2, 0, 1))
+
+    @torch.inference_mode()
+    def fake_probs(self, batch):
+        """(B, 3, S, S) preprocessed faces -> (B,) P(fake) on the CPU."""
+        with self.precision.autocast():
+            return fake_probability(self.model(self.precision.to_device(batch))).cpu()
+
+
+def load_detector(path, device="auto", precision="auto"):
+    """Checkpoint -> Detector (model, eval transform, threshold, args). CheckpointError names the file."""
+    ckpt = load_checkpoint(path)
+    args = ckpt["args"]
+    name = args.get("model")
+    if name not in MODELS:
+        raise CheckpointError(f"{path}: trained for model {name!r}, which model.py does not know "
+                              f"(known: {', '.join(MODELS)})")
+    model = DeepfakeDetector(name, "none", freeze_backbone=bool(args.get("freeze_backbone")),
+                             image_size=args.get("image_size"))  # ViT's position grid depends on it
+    try:
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # wrong shapes or keys: another architecture's weights
+        raise CheckpointError(f"{path}: its weights do not fit a {name} DeepfakeDetector "
+                              f"({str(e).splitlines()[0][:150]})") from None
+    run = choose_precision(get_device(device) if isinstance(device, str) else device, precision)
+    run.prepare(model.eval())
+    image_size = args.get("image_size") or model.input_size
+    threshold, source = ckpt.get("threshold"), "checkpoint (val EER point)"
+    if threshold is None:
+        threshold, source = DEFAULT_THRESHOLD, f"{DEFAULT_THRESHOLD} default (checkpoint has no threshold)"
+    return Detector(model, run, dataset.eval_transform(image_size, model.mean, model.std), image_size,
+                    float(threshold), source, args, ckpt.get("epoch", -1))

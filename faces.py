@@ -11,8 +11,7 @@ Examples (from the project root):
     python faces.py --input ../shared/data/videos/uadfv_0017_fake.mp4 --output Dataset/fake_data
     # a whole folder, every face per frame, with a contact sheet to check by eye
     python faces.py --input ../shared/data/videos --output /tmp/x --all_faces --preview
-    # frames/s of both detectors on the shared clips (writes nothing)
-    python faces.py --input ../shared/data/videos --output /tmp/x --benchmark --frames 16
+    # frames/s of both detectors: python benchmark.py faces
 
 Outputs in --output:
     <stem>_f<frame:04d>_<face>.jpg   crops; <stem> identifies the source (unique per source)
@@ -31,7 +30,6 @@ import multiprocessing as mp
 import os
 import re
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Callable, Iterator
@@ -40,37 +38,18 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+from media import MediaError, crop_name, crop_source, find_media, is_video, load_rgb, sample_frames
+from cli import positive
+
 MANIFEST_COLUMNS = ["file", "source", "frame", "face", "x0", "y0", "x1", "y1", "score", "detector"]
 NO_FACE_COLUMNS = ["source", "frame", "reason"]
 STATE_COLUMNS = ["source", "path", "size", "mtime", "settings", "stem", "status", "frames", "crops"]
-CROP_NAME = re.compile(r"^(?P<stem>.+)_f(?P<frame>\d+)_(?P<face>\d+)\.jpg$")
 DETECT_MAX_SIDE = 800  # YuNet is trained on small images and yuface warns above 960 px
+DETECT_MIN_SIDE = 16   # a picture narrower than this holds no face either detector can find
 DEFAULT_MIN_SCORE = {"yunet": 0.6, "dlib": 0.0}  # dlib scores are SVM margins, 0 = its own boundary
 PREVIEW_TILES, PREVIEW_PER_SOURCE = 48, 4
 
 Box = tuple[int, int, int, int, float]  # x0, y0, x1, y1 (exclusive), score
-
-
-class MediaError(ValueError):
-    """A file that cannot be read as a video or an image."""
-
-
-def is_video(path) -> bool:
-    return Path(path).suffix.lower() in VIDEO_EXTS
-
-
-def is_image(path) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTS
-
-
-def source_stem(crop_name: str) -> str:
-    """'clip_f0003_0.jpg' -> 'clip': how training groups crops without a manifest."""
-    m = CROP_NAME.match(Path(crop_name).name)
-    if not m:
-        raise ValueError(f"not a crop name: {crop_name}")
-    return m["stem"]
 
 
 # ----------------------------------------------------------------------------- detectors
@@ -112,6 +91,8 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
 
     def detect(rgb: np.ndarray) -> list[Box]:
         h, w = rgb.shape[:2]
+        if min(h, w) < DETECT_MIN_SIDE or min(h, w) * DETECT_MAX_SIDE < DETECT_MIN_SIDE * max(h, w):
+            return []  # too small, or a sliver that scaling would shrink below that: no face
         scale = min(1.0, DETECT_MAX_SIDE / max(h, w))  # detect small (fast), report full size
         small = rgb if scale == 1 else np.asarray(
             Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
@@ -152,74 +133,6 @@ def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
             for b in (boxes if all_faces else boxes[:1])]
 
 
-# ----------------------------------------------------------------------------- reading media
-def sample_frames(video_path, n_frames: int = 32) -> Iterator[tuple[int, np.ndarray]]:
-    """Yield (frame_index, RGB uint8 HxWx3) for n_frames indices spread evenly over the video.
-
-    Decodes sequentially and keeps the wanted frames: seeking only lands on keyframes
-    (often 100-250 frames apart), so it saves little and makes indices inexact.
-    Raises MediaError when the file cannot be opened or decoding fails.
-    """
-    import av
-    try:
-        with av.open(str(video_path)) as container:
-            if not container.streams.video:
-                raise MediaError(f"{video_path}: no video stream")
-            stream = container.streams.video[0]
-            total = stream.frames  # 0 when the container does not store it
-            if total <= 0 and stream.average_rate:  # estimate from duration x frame rate
-                seconds = (float(stream.duration * stream.time_base) if stream.duration
-                           else (container.duration or 0) / av.time_base)
-                total = round(seconds * float(stream.average_rate))
-            if total <= 0:  # still unknown: count packets (demuxing only, no decoding)
-                total = sum(1 for p in container.demux(stream) if p.size)
-                container.seek(0)
-            wanted = sorted({round(i) for i in np.linspace(0, total - 1, n_frames)}) if total > n_frames \
-                else range(total)
-            stream.thread_type = "AUTO"
-            wanted_set, last, got = set(wanted), wanted[-1] if len(wanted) else -1, 0
-            for index, frame in enumerate(container.decode(stream)):
-                if index in wanted_set:  # convert only the kept frames: the costly step
-                    got += 1
-                    rgb = frame.to_ndarray(format="rgb24")
-                    # Phone videos store "turn by 90" in a display matrix; upright faces detect best.
-                    # rotation = degrees counterclockwise to display; np.rot90 turns counterclockwise.
-                    yield index, np.ascontiguousarray(np.rot90(rgb, round(frame.rotation / 90))) \
-                        if frame.rotation else rgb
-                if index >= last:
-                    break  # a wrong estimated total means a few frames more or fewer: accepted
-            if got == 0:
-                raise MediaError(f"{video_path}: no decodable frames")
-    except av.FFmpegError as e:  # includes InvalidDataError for random bytes / truncation
-        raise MediaError(f"{video_path}: {e}") from e
-
-
-def load_image(path) -> np.ndarray:
-    """RGB uint8 array of a photo, read exactly as training reads images (dataset.load_rgb: EXIF
-    upright, 16-bit, alpha and palette handled); MediaError if unreadable."""
-    from dataset import load_rgb  # imported here: video-only runs and workers skip torch's import
-    try:
-        return np.asarray(load_rgb(path))
-    except Exception as e:  # broken files raise OSError, SyntaxError, struct.error, ...
-        raise MediaError(f"{path}: {e}") from e
-
-
-def find_sources(inputs, output: Path) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Media files under the inputs (folders recurse) and (path, problem) for bad inputs."""
-    sources, problems, out = [], [], output.resolve()
-    for given in map(Path, inputs):
-        if given.is_dir():
-            for p in sorted(given.rglob("*")):  # skip our own output folder inside an input
-                if p.is_file() and (is_video(p) or is_image(p)) and out not in p.resolve().parents:
-                    sources.append(p)
-        elif given.is_file() and (is_video(given) or is_image(given)):
-            sources.append(given)
-        else:
-            problems.append((str(given), "not found" if not given.exists() else "not a video or image"))
-    unique = list(dict.fromkeys(sources))  # the same file given twice is one source
-    return unique, problems
-
-
 # ----------------------------------------------------------------------------- per-source work
 _detector = None  # one per process: each worker loads its own
 
@@ -241,10 +154,10 @@ def process_source(job: dict) -> dict:
                                            leave=False, position=job.get("slot", 1))
     tile_every = max(1, job["frames"] // PREVIEW_PER_SOURCE)
     try:
-        for index, rgb in frames if frames is not None else [(0, load_image(src))]:
+        for index, rgb in frames if frames is not None else [(0, np.asarray(load_rgb(src)))]:
             crops = crop_faces(rgb, _detector, job["margin"], job["size"], job["all_faces"])
             for face, (img, (x0, y0, x1, y1, score)) in enumerate(crops):
-                name = f"{stem}_f{index:04d}_{face}.jpg"
+                name = crop_name(stem, index, face)
                 img.save(out / name, quality=95)
                 res["rows"].append(dict(file=name, source=src, frame=index, face=face, x0=x0, y0=y0, x1=x1,
                                         y1=y1, score=f"{score:.3f}", detector=job["detector"]))
@@ -330,7 +243,7 @@ def plan_jobs(sources, out: Path, settings: str, args, paths) -> tuple[list[dict
     """
     manifest, no_faces = read_csv(paths[0]), read_csv(paths[1])
     state = {r["path"]: r for r in read_csv(paths[2])}  # later rows win
-    taken = {r["stem"] for r in state.values()} | {source_stem(r["file"]) for r in manifest}
+    taken = {r["stem"] for r in state.values()} | {crop_source(r["file"]) for r in manifest}
     clashes = {stem for stem, n in Counter(p.stem for p in sources).items() if n > 1}
     todo, skipped, redo = [], [], set()
     for p in sources:
@@ -343,7 +256,7 @@ def plan_jobs(sources, out: Path, settings: str, args, paths) -> tuple[list[dict
         if old:  # redo (--overwrite, new settings, changed file): delete its old crops first
             redo.add(old["source"])
             for f in out.glob(f"{glob.escape(old['stem'])}_f*_*.jpg"):
-                if (m := CROP_NAME.match(f.name)) and m["stem"] == old["stem"]:
+                if crop_source(f) == old["stem"]:
                     f.unlink()
         todo.append(dict(source=str(p), path=key, file_size=st.st_size, mtime=st.st_mtime_ns, settings=settings,
                          stem=old["stem"] if old else unique_stem(p, clashes, taken), output=str(out),
@@ -374,13 +287,12 @@ def run_jobs(todo: list[dict], args, min_score: float) -> Iterator[dict]:
 
 def main(args) -> dict:
     out = Path(args.output)
-    sources, problems = find_sources(args.input, out)
-    for path, why in problems:
-        print(f"WARNING: skipping {path}: {why}", file=sys.stderr)
-    if args.frames < 1 or args.size < 1 or args.margin <= 0:
-        raise SystemExit("--frames and --size must be >= 1 and --margin > 0")
-    if args.benchmark:
-        return benchmark(sources, args.frames)
+    if any(Path(given).resolve() == out.resolve() for given in args.input):
+        raise SystemExit(f"error: --output {out} is also an --input: its videos and photos would be skipped as "
+                         f"this run's own crops; write the crops to another folder")
+    sources, problems = find_media(args.input, skip=out)  # not the crops of an --output inside an --input
+    for _, message in problems:
+        print(f"WARNING: skipping {message}", file=sys.stderr)
     try:
         load_detector(args.detector)  # fail here, in one line, not in every worker
     except ImportError as e:
@@ -439,47 +351,17 @@ def main(args) -> dict:
     return summary
 
 
-def benchmark(sources, n_frames) -> dict:
-    """Print ms/frame of decoding and of each detector per clip, on frames sampled as in a run."""
-    detectors = {name: load_detector(name) for name in ("yunet", "dlib")}
-    totals = {name: [0, 0.0] for name in ["decode", *detectors]}  # frames, seconds
-    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; one process")
-    print(f"{'clip':28} {'size':>9} {'frames':>6} {'step':>7} {'faces/fr':>8} {'ms/frame':>8} {'frames/s':>8}")
-
-    def row(clip, size, n, step, faces, seconds):
-        totals[step][0] += n
-        totals[step][1] += seconds
-        print(f"{clip[:28]:28} {size:>9} {n:>6} {step:>7} {faces:>8} {1000 * seconds / n:8.1f} {n / seconds:8.1f}")
-    for src in sources:
-        start = time.perf_counter()
-        try:
-            frames = [rgb for _, rgb in sample_frames(src, n_frames)] if is_video(src) else [load_image(src)]
-        except MediaError as e:
-            print(f"WARNING: {e}", file=sys.stderr)
-            continue
-        size = f"{frames[0].shape[1]}x{frames[0].shape[0]}"
-        row(src.name, size, len(frames), "decode", "", time.perf_counter() - start)
-        for name, detect in detectors.items():
-            start = time.perf_counter()
-            faces = sum(len(detect(rgb)) for rgb in frames)
-            row(src.name, size, len(frames), name, f"{faces / len(frames):.2f}", time.perf_counter() - start)
-    for step, (n, seconds) in totals.items():
-        if n:
-            print(f"{'ALL':28} {'':>9} {n:>6} {step:>7} {'':>8} {1000 * seconds / n:8.1f} {n / seconds:8.1f}")
-    return {step: n / seconds for step, (n, seconds) in totals.items() if n}
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Crop faces from videos and photos into a training folder.")
     p.add_argument("--input", nargs="+", required=True,
                    help="required: video files, image files or folders of them (folders are searched recursively)")
     p.add_argument("--output", required=True,
                    help="required: folder for the crops, manifest.csv, no_faces.csv and sources.csv")
-    p.add_argument("--frames", type=int, default=32,
+    p.add_argument("--frames", type=positive(int), default=32,
                    help="frames sampled evenly per video; every frame if the video is shorter (default: 32)")
-    p.add_argument("--margin", type=float, default=1.3,
+    p.add_argument("--margin", type=positive(float), default=1.3,
                    help="crop side = margin x the larger side of the face box, as in FaceForensics++ (default: 1.3)")
-    p.add_argument("--size", type=int, default=256, help="side in pixels of the saved square crops (default: 256)")
+    p.add_argument("--size", type=positive(int), default=256, help="side in pixels of the saved square crops (default: 256)")
     p.add_argument("--detector", choices=["yunet", "dlib"], default="yunet",
                    help="yunet: small CNN, fast, finds turned faces; dlib: HOG, frontal faces only (default: yunet)")
     p.add_argument("--all_faces", action="store_true",
@@ -491,11 +373,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="redo sources already done in --output instead of skipping them (default: off)")
     p.add_argument("--preview", action="store_true",
                    help="write preview.png, sampled frames with crop squares next to the crops (default: off)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+    p.add_argument("--workers", type=positive(int), default=min(2, os.cpu_count() or 1),
                    help="processes working on different sources at once; 1 runs inline "
                         "(default: min(2, CPU cores))")
-    p.add_argument("--benchmark", action="store_true",
-                   help="only print ms/frame of decoding, yunet and dlib on the inputs; writes nothing (default: off)")
     return p
 
 

@@ -73,9 +73,11 @@ def _load_pretrained(name, weights):
         net.load_state_dict(state)
     except FileNotFoundError:
         raise WeightsError(f"{weights}: weights file not found; use --weights imagenet|none|PATH") from None
-    except Exception as e:
-        raise WeightsError(f"{weights}: not an ImageNet {name} state_dict ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0]}); download {enum.url} or use --weights none") from None
+    except Exception as e:  # torch's text for an unsafe pickle advises weights_only=False: never pass that on
+        why = ("it holds Python objects, not only tensors, and is not loaded for safety" if "weights_only" in str(e)
+               else f"{type(e).__name__}: {str(e).splitlines()[0]}")
+        raise WeightsError(f"{weights}: not an ImageNet {name} state_dict ({why}); download {enum.url} "
+                           f"or use --weights none") from None
     return net
 
 
@@ -140,8 +142,9 @@ class DeepfakeDetector(nn.Module):
         gets no gradient and AdamW skips it, so the optimizer (and its checkpointed state)
         looks the same before and after unfreezing.
         """
-        return [{"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_scale, "name": "backbone"},
-                {"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
+        return [{"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_scale, "name": "backbone",
+                 "lr_scale": backbone_lr_scale},
+                {"params": list(self.head.parameters()), "lr": lr, "name": "head", "lr_scale": 1.0}]
 
     def freeze_backbone(self, frozen=True):
         for p in self.backbone.parameters():

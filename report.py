@@ -16,7 +16,6 @@ from sklearn import metrics as skm
 from dataset import CLASSES  # label order: 0 real, 1 fake
 
 
-
 def eer_threshold(labels, probs):
     """Threshold where false-positive and false-negative rates are equal, and that rate (the EER).
 
@@ -30,6 +29,11 @@ def eer_threshold(labels, probs):
     return float(np.clip(thresholds[i], 0.0, 1.0)), float((fpr[i] + fnr[i]) / 2)
 
 
+def roc_auc(labels, probs):
+    """ROC-AUC with fake as the positive class; nan when only one class is present."""
+    return float(skm.roc_auc_score(labels, probs)) if len(np.unique(labels)) == 2 else float("nan")
+
+
 def compute_metrics(labels, probs, threshold=0.5):
     """Accuracy, precision/recall/F1 of the fake class, ROC-AUC, AP and EER at `threshold`."""
     preds = (probs >= threshold).astype(int)
@@ -39,7 +43,7 @@ def compute_metrics(labels, probs, threshold=0.5):
         "threshold": float(threshold),
         "accuracy": float(skm.accuracy_score(labels, preds)),
         "precision": float(p), "recall": float(r), "f1": float(f1),
-        "roc_auc": float(skm.roc_auc_score(labels, probs)) if both else float("nan"),
+        "roc_auc": roc_auc(labels, probs),
         "average_precision": float(skm.average_precision_score(labels, probs)) if both else float("nan"),
         "eer": eer_threshold(labels, probs)[1],
         "n_images": int(len(labels)),

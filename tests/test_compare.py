@@ -13,7 +13,7 @@ def test_failing_model_gets_an_error_row_and_the_others_complete(faces_root, tmp
     rows = compare.compare(models, argv)
 
     assert [r["model"] for r in rows] == ["resnet18", "no_such_net", "mobilenet_v2"]
-    assert "invalid choice: 'no_such_net'" in rows[1]["error"]
+    assert "unknown model 'no_such_net'" in rows[1]["error"]
     for r in (rows[0], rows[2]):
         assert "error" not in r, r.get("error")
         assert 0 <= r["accuracy"] <= 1 and r["train_s"] > 0 and r["infer_img_s"] > 0 and r["memory_mib"] > 0
@@ -22,13 +22,21 @@ def test_failing_model_gets_an_error_row_and_the_others_complete(faces_root, tmp
 
     table = (out / "model_comparison.md").read_text()
     assert "| resnet18 | " in table and "| mobilenet_v2 | " in table
-    assert "| no_such_net | failed: exit code 2" in table
+    assert "| no_such_net | failed: unknown model" in table
     assert "identical split.csv): yes" in table
     assert (out / "model_comparison.png").stat().st_size > 10_000
 
     capsys.readouterr()
     with pytest.raises(SystemExit, match="--overwrite"):  # an earlier comparison is never replaced silently
         compare.compare(models, argv)
+
+
+def test_a_bad_shared_flag_stops_before_the_second_model(faces_root, tmp_path, capsys):
+    models, argv = compare.parse_args(["--models", "resnet18,mobilenet_v2", "--data_root", str(faces_root),
+                                       "--epochs", "0", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match="main.py refused the flags: .*argument --epochs: must be > 0"):
+        compare.compare(models, argv)
+    assert not (tmp_path / "compare" / "mobilenet_v2").exists()
 
 
 def test_last_message_finds_the_error_among_progress_bars():

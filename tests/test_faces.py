@@ -14,6 +14,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import faces  # noqa: E402
+from media import crop_source, is_image, is_video  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 VIDEOS = DATA / "videos"
@@ -159,7 +160,7 @@ def test_labelled_clips_yield_crops_and_manifest_matches_disk(tmp_path):
         assert all(r["file"].startswith(clip.stem + "_f") for r in mine)
     for r in rows:
         assert Image.open(out / r["file"]).size == (128, 128)
-        assert faces.source_stem(r["file"]) == Path(r["source"]).stem
+        assert crop_source(r["file"]) == Path(r["source"]).stem
         assert int(r["x0"]) < int(r["x1"]) and int(r["y0"]) < int(r["y1"]) and float(r["score"]) >= 0.6
         assert r["detector"] == "yunet"
 
@@ -196,7 +197,7 @@ def test_rerun_does_no_work_and_settings_change_redoes(media, tmp_path, monkeypa
     def boom(*a, **k):
         raise AssertionError("decoded a source that was already done")
     monkeypatch.setattr(faces, "sample_frames", boom)
-    monkeypatch.setattr(faces, "load_image", boom)
+    monkeypatch.setattr(faces, "load_rgb", boom)
     again = run(inputs, out, "--frames", "3")
     assert again["processed"] == 0 and len(again["skipped"]) == 3
     assert "skipped (already done) 3" in capsys.readouterr().out
@@ -215,10 +216,9 @@ def test_rerun_does_no_work_and_settings_change_redoes(media, tmp_path, monkeypa
 
 
 def test_crop_names_recover_source_and_same_stems_get_unique_names(media, tmp_path):
-    assert faces.source_stem("clip_f0003_0.jpg") == "clip"
-    assert faces.source_stem("my_f1_video_f0120_2.jpg") == "my_f1_video"
-    with pytest.raises(ValueError):
-        faces.source_stem("clip.jpg")
+    assert crop_source("clip_f0003_0.jpg") == "clip"
+    assert crop_source("my_f1_video_f0120_2.jpg") == "my_f1_video"
+    assert crop_source("clip.jpg") == ""
     for sub in ("a", "b"):  # two different videos both called face.mp4
         (tmp_path / sub).mkdir()
         (tmp_path / sub / "face.mp4").write_bytes((media / "face.mp4").read_bytes())
@@ -227,24 +227,40 @@ def test_crop_names_recover_source_and_same_stems_get_unique_names(media, tmp_pa
     rows = manifest(out)
     by_stem = {}
     for r in rows:
-        by_stem.setdefault(faces.source_stem(r["file"]), set()).add(r["source"])
+        by_stem.setdefault(crop_source(r["file"]), set()).add(r["source"])
     assert len(by_stem) == 2 and all(len(s) == 1 for s in by_stem.values())
     assert sorted(by_stem) == ["a_face", "b_face"]
     # a later run with another face.mp4 must not overwrite the crops already there
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "face.mp4").write_bytes((media / "face.mp4").read_bytes())
     run([tmp_path / "c" / "face.mp4"], out, "--frames", "2")
-    stems = {faces.source_stem(r["file"]) for r in manifest(out)}
+    stems = {crop_source(r["file"]) for r in manifest(out)}
     assert len(stems) == 3 and len(manifest(out)) == 6
 
 
-def test_is_video_is_image_and_parser_help():
-    assert faces.is_video("x/clip.MP4") and not faces.is_video("x/a.jpg")
-    assert faces.is_image("a.JPEG") and not faces.is_image("a.mov")
-    helps = {a.dest: a.help for a in faces.get_args_parser()._actions if a.dest != "help"}
-    assert all(h for h in helps.values())
-    args = faces.get_args_parser().parse_args(["--input", "x", "--output", "y"])
-    assert (args.frames, args.margin, args.size, args.detector) == (32, 1.3, 256, "yunet")
+def test_is_video_is_image():
+    assert is_video("x/clip.MP4") and not is_video("x/a.jpg")
+    assert is_image("a.JPEG") and is_image("a.gif") and not is_image("a.mov")
+
+
+@pytest.mark.parametrize("flags", [["--frames", "0"], ["--size", "-3"], ["--margin", "0"], ["--workers", "0"]])
+def test_impossible_flags_are_argparse_errors(flags, capsys):
+    with pytest.raises(SystemExit) as e:
+        faces.get_args_parser().parse_args(["--input", "x", "--output", "y", *flags])
+    assert e.value.code == 2 and f"argument {flags[0]}" in capsys.readouterr().err
+
+
+def test_output_equal_to_input_is_refused_in_one_line(media, tmp_path):
+    (tmp_path / "face.mp4").write_bytes((media / "face.mp4").read_bytes())
+    with pytest.raises(SystemExit, match="--output .* is also an --input"):
+        run([tmp_path], tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["face.mp4"]
+
+
+def test_a_sliver_of_a_picture_has_no_face_and_no_error():
+    for name in ("yunet", "dlib"):
+        assert faces.load_detector(name)(np.full((1, 5000, 3), 90, np.uint8)) == []
+        assert faces.load_detector(name)(np.full((5000, 12, 3), 90, np.uint8)) == []
 
 
 def test_output_folder_inside_input_folder_is_not_read_back(media, tmp_path):
@@ -259,7 +275,7 @@ def test_output_folder_inside_input_folder_is_not_read_back(media, tmp_path):
 def test_unexpected_error_in_one_file_is_reported_and_retried(media, tmp_path, monkeypatch, capsys):
     def weird(path):
         raise RuntimeError("odd decoder state")
-    monkeypatch.setattr(faces, "load_image", weird)
+    monkeypatch.setattr(faces, "load_rgb", weird)
     out = tmp_path / "out"
     s = run([media / "photo.jpg", media / "face.mp4"], out, "--frames", "2")
     assert s["processed"] == 1 and s["unreadable"] == [str(media / "photo.jpg")]
@@ -302,15 +318,3 @@ def test_training_on_a_faces_py_folder_keeps_each_video_in_one_split(tmp_path):
     assert all(v in splits_of for v in videos)
     assert all(len(splits_of[v]) == 1 for v in videos), {v: splits_of[v] for v in videos}
     assert {s for splits in splits_of.values() for s in splits} == {"train", "val", "test"}
-
-
-def test_photos_are_read_exactly_as_training_reads_them(tmp_path):
-    import dataset
-    rgba = np.zeros((40, 60, 4), np.uint8)
-    rgba[10:30, 20:40] = (200, 30, 30, 255)  # transparent elsewhere: training shows it as white
-    Image.fromarray(rgba).save(tmp_path / "cutout.png")
-    Image.fromarray(np.full((40, 60), 65535, np.uint16)).save(tmp_path / "deep.png")
-    for name in ("cutout.png", "deep.png"):
-        got = faces.load_image(tmp_path / name)
-        assert np.array_equal(got, np.asarray(dataset.load_rgb(tmp_path / name)))
-    assert (faces.load_image(tmp_path / "cutout.png")[0, 0] == 255).all()

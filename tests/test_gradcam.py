@@ -6,9 +6,8 @@ import torchvision
 from PIL import Image
 from torch import nn
 
-import dataset
 import gradcam
-import model as model_py
+from media import load_rgb
 from predict import Predictor
 
 
@@ -17,8 +16,11 @@ class Wrapped(nn.Module):
 
     def __init__(self, net, size):
         super().__init__()
-        parent, attr, linear = model_py._last_linear(net)
-        setattr(parent, attr, nn.Identity())
+        linear = [m for m in net.modules() if isinstance(m, nn.Linear)][-1]
+        for name, m in net.named_modules():  # the classifier's last Linear becomes an identity, as in model.py
+            if m is linear:
+                parent, _, attr = name.rpartition(".")
+                setattr(net.get_submodule(parent), attr, nn.Identity())
         self.backbone, self.head, self.input_size = net, nn.Linear(linear.in_features, 2), size
 
     def forward(self, x):
@@ -29,7 +31,7 @@ class Wrapped(nn.Module):
 def trained(trained_run, faces_root):
     predictor = Predictor(trained_run / "checkpoints" / "best.pt", no_crop=True)
     paths = sorted((faces_root / "real_data").glob("*.jpg"))[:2] + sorted((faces_root / "fake_data").glob("*.jpg"))[:2]
-    x = torch.stack([predictor.preprocess(dataset.load_rgb(p)) for p in paths])
+    x = torch.stack([predictor.detector.preprocess(load_rgb(p)) for p in paths])
     return predictor, x
 
 

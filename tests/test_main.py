@@ -1,6 +1,7 @@
 """The real entry point: a small run writes every report, resumes exactly, and refuses bad input."""
 import csv
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -21,12 +22,24 @@ def tiny_args(data_root, out, *extra):
                             "--cache_dir", str(out.parent / "cache"), *extra])
 
 
+def make_folder(root, counts, size=40, seed=0):
+    """real_data/ and fake_data/ with distinct random images: {"real_data": n, "fake_data": m}."""
+    rng = np.random.default_rng(seed)
+    for cls, n in counts.items():
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / cls / f"{i}.png")
+    return root
+
+
 def test_end_to_end_run_writes_every_report(trained_run):
     for name in REPORT_FILES:
         assert (trained_run / name).is_file(), name
     for png in trained_run.glob("*.png"):
         with Image.open(png) as im:
-            assert im.size[0] > 300 and im.size[1] > 200
+            pixels = np.asarray(im.convert("L"))
+        assert im.size[0] > 300 and im.size[1] > 200
+        assert (pixels < 128).mean() > 0.01, f"{png.name} is (nearly) blank"  # text, axes and bars are dark
     metrics = json.loads((trained_run / "metrics.json").read_text())
     for at in ("at_0.5", "at_val_threshold"):
         assert {"accuracy", "precision", "recall", "f1", "roc_auc", "average_precision", "eer",
@@ -44,44 +57,82 @@ def test_end_to_end_run_writes_every_report(trained_run):
     assert [int(h["epoch"]) for h in history] == [1, 2]
     ckpt = engine.load_checkpoint(trained_run / "checkpoints" / "best.pt")
     assert ckpt["classes"] == ["real", "fake"] and 0 <= ckpt["threshold"] <= 1
+    assert ckpt["best_val_auc"] == max(float(h["val_auc"]) for h in history)
 
 
 def test_evaluate_only_reproduces_the_test_metrics(trained_run, faces_root):
-    args = main.parse_args(["--evaluate_only", "--data_root", str(faces_root), "--output_dir", str(trained_run),
-                            "--cache_dir", str(trained_run / "cache"), "--workers", "0"])
+    args = main.parse_args(["--evaluate_only", "--output_dir", str(trained_run),
+                            "--cache_dir", str(trained_run / "cache"), "--workers", "0"])  # data_root: the checkpoint's
     again = main.main(args)
     first = json.loads((trained_run / "metrics.json").read_text())
+    assert args.data_root == str(faces_root)
     assert again["at_val_threshold"]["roc_auc"] == pytest.approx(first["at_val_threshold"]["roc_auc"], abs=1e-6)
     assert (trained_run / "evaluation" / "summary.md").is_file()
     with pytest.raises(SystemExit, match="--overwrite"):  # a second evaluation does not clobber the first
         main.main(args)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(faces_root, tmp_path, monkeypatch):
-    # two loader workers: their augmentation RNG must follow the per-epoch seed too
-    common = ("--epochs", "3", "--max_per_class", "12", "--precision", "fp32", "--workers", "2")
-    main.main(tiny_args(faces_root, tmp_path / "straight", *common))
-    straight = engine.load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+def test_evaluate_only_refuses_flags_that_contradict_the_checkpoint(trained_run, tmp_path):
+    args = main.parse_args(["--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"),
+                            "--image_size", "96", "--output_dir", str(tmp_path)])
+    with pytest.raises(SystemExit, match=r"--image_size 96 conflicts with the checkpoint's 64"):
+        main.main(args)
 
-    real_train = engine.train_one_epoch
 
-    def ctrl_c_in_third_epoch(*args, **kwargs):
-        result = real_train(*args, **kwargs)
-        if args[5] == 2:  # the epoch argument: Ctrl-C after its optimizer steps, before it is saved
+def interrupt_in_epoch(monkeypatch, epoch_to_stop):
+    """Make engine.train_one_epoch raise KeyboardInterrupt after the steps of (0-based) epoch_to_stop."""
+    real = engine.train_one_epoch
+
+    def ctrl_c(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if args[5] == epoch_to_stop:  # the epoch argument: Ctrl-C after its optimizer steps, before it is saved
             raise KeyboardInterrupt
         return result
-    monkeypatch.setattr(engine, "train_one_epoch", ctrl_c_in_third_epoch)
+    monkeypatch.setattr(engine, "train_one_epoch", ctrl_c)
+    return real
+
+
+def test_interrupted_run_resumed_by_the_printed_hint_matches_an_uninterrupted_one(faces_root, tmp_path,
+                                                                                   monkeypatch, capsys):
+    # non-default flags everywhere: the hint `--resume --output_dir R` must bring all of them back;
+    # two loader workers: their augmentation RNG must follow the per-epoch seed too
+    flags = ["--data_root", str(faces_root), "--weights", "none", "--epochs", "3", "--image_size", "48",
+             "--batch_size", "4", "--lr", "3e-4", "--max_per_class", "10", "--precision", "fp32", "--workers", "2",
+             "--cache_dir", str(tmp_path / "cache")]
+    main.main(main.parse_args(flags + ["--output_dir", str(tmp_path / "straight")]))
+    real = interrupt_in_epoch(monkeypatch, 1)
     with pytest.raises(SystemExit) as e:
-        main.main(tiny_args(faces_root, tmp_path / "resumed", *common))
+        main.main(main.parse_args(flags + ["--output_dir", str(tmp_path / "resumed")]))
     assert e.value.code == 130
-    assert engine.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 1
-    monkeypatch.setattr(engine, "train_one_epoch", real_train)
-    main.main(tiny_args(faces_root, tmp_path / "resumed", *common, "--resume"))
+    hint = [line for line in capsys.readouterr().out.splitlines() if line.startswith("continue with:")][0]
+    assert engine.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["epoch"] == 0
+    monkeypatch.setattr(engine, "train_one_epoch", real)
+    main.main(main.parse_args(hint.split("python main.py ")[1].split()))
+
+    straight = engine.load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
     resumed = engine.load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")
-    assert resumed["epoch"] == straight["epoch"] == 2
+    assert resumed["epoch"] == straight["epoch"] == 2 and len(resumed["history"]) == 3
     for k, v in straight["model"].items():
-        assert torch.allclose(v.float(), resumed["model"][k].float(), atol=1e-6), k
-    assert len(resumed["history"]) == 3
+        assert torch.equal(v, resumed["model"][k]), k
+    used = {run: json.loads((tmp_path / run / "args.json").read_text()) for run in ("straight", "resumed")}
+    for run in used.values():  # what differs is only how each run was started
+        for key in ("output_dir", "resume"):
+            run.pop(key)
+    assert used["resumed"] == used["straight"]
+
+
+def test_resume_refuses_a_changed_model_and_announces_more_epochs(faces_root, tmp_path, capsys):
+    main.main(tiny_args(faces_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
+    resume = ["--resume", "--output_dir", str(tmp_path / "run"), "--workers", "0"]
+    with pytest.raises(SystemExit, match=r"--model resnet50 conflicts with the checkpoint's resnet18"):
+        main.main(main.parse_args(resume + ["--model", "resnet50"]))
+    with pytest.raises(SystemExit, match=r"--batch_size 16 conflicts with the checkpoint's 8"):
+        main.main(main.parse_args(resume + ["--batch_size", "16"]))
+    capsys.readouterr()
+    main.main(main.parse_args(resume + ["--epochs", "2"]))
+    assert "note: --epochs 2 (the checkpoint ran with 1)" in capsys.readouterr().out
+    ckpt = engine.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 1 and ckpt["args"]["epochs"] == 2 and ckpt["args"]["image_size"] == 32
 
 
 def test_ctrl_c_in_the_first_epoch_keeps_the_partial_model(faces_root, tmp_path, monkeypatch):
@@ -96,10 +147,10 @@ def test_ctrl_c_in_the_first_epoch_keeps_the_partial_model(faces_root, tmp_path,
 def test_resume_into_a_new_folder_keeps_the_data_and_best_checkpoint(faces_root, tmp_path):
     main.main(tiny_args(faces_root, tmp_path / "a", "--epochs", "1", "--max_per_class", "8"))
     args = main.parse_args(["--resume", str(tmp_path / "a" / "checkpoints" / "last.pt"), "--epochs", "1",
-                            "--output_dir", str(tmp_path / "b"), "--cache_dir", str(tmp_path / "cache"),
-                            "--workers", "0"])  # no --data_root: it comes from the checkpoint
+                            "--output_dir", str(tmp_path / "b"), "--workers", "0"])  # no --data_root: the checkpoint's
     main.main(args)
     assert args.data_root == str(faces_root) and (tmp_path / "b" / "summary.md").is_file()
+    assert (tmp_path / "b" / "checkpoints" / "best.pt").is_file()
 
 
 def test_an_earlier_run_is_not_overwritten(faces_root, tmp_path):
@@ -110,17 +161,51 @@ def test_an_earlier_run_is_not_overwritten(faces_root, tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
 
+@pytest.mark.parametrize("balance", ["sampler", "oversample"])
+def test_balance_makes_training_batches_balanced_and_leaves_val_test_alone(tmp_path, monkeypatch, balance):
+    root = make_folder(tmp_path / "data", {"real_data": 40, "fake_data": 10})
+    seen = {"train": Counter(), "val": Counter()}
+    real_train, real_eval = engine.train_one_epoch, engine.evaluate
+
+    def count(split, real):
+        def wrapped(model, criterion, optimizer_or_loader, *rest, **kw):
+            loader = optimizer_or_loader if split == "val" else rest[0]
+            if split == "train" or kw.get("desc") == "val":  # not the final test pass
+                for _, labels in loader:
+                    seen[split].update(labels.tolist())
+            return real(model, criterion, optimizer_or_loader, *rest, **kw)
+        return wrapped
+    monkeypatch.setattr(engine, "train_one_epoch", count("train", real_train))
+    monkeypatch.setattr(engine, "evaluate", count("val", real_eval))
+    main.main(tiny_args(root, tmp_path / "run", "--epochs", "3", "--balance", balance))
+    fake_share = seen["train"][1] / sum(seen["train"].values())
+    assert 0.4 < fake_share < 0.6, seen["train"]  # 10 of 50 images are fake: 0.2 without balancing
+    with open(tmp_path / "run" / "split.csv") as f:
+        val = Counter(int(r["label"]) for r in csv.DictReader(f) if r["split"] == "val")
+    assert val[0] > 2 * val[1]  # the folder's 4:1, untouched
+    assert seen["val"] == Counter({label: 3 * n for label, n in val.items()})  # each val image once per epoch
+
+
 def test_corrupt_files_are_listed_in_the_summary_and_training_goes_on(tmp_path):
-    rng = np.random.default_rng(0)
-    for cls, n in (("real_data", 12), ("fake_data", 12)):
-        (tmp_path / "data" / cls).mkdir(parents=True)
-        for i in range(n):
-            Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / cls / f"{i}.jpg")
-    (tmp_path / "data" / "fake_data" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    root = make_folder(tmp_path / "data", {"real_data": 12, "fake_data": 12})
+    (root / "fake_data" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     with pytest.warns(UserWarning, match="broken.jpg"):
-        main.main(tiny_args(tmp_path / "data", tmp_path / "run", "--epochs", "1"))
+        main.main(tiny_args(root, tmp_path / "run", "--epochs", "1"))
     summary = (tmp_path / "run" / "summary.md").read_text()
     assert "unreadable files skipped: 1" in summary and "broken.jpg" in summary
+
+
+def test_an_image_in_both_classes_is_left_out_and_listed(tmp_path):
+    root = make_folder(tmp_path / "data", {"real_data": 12, "fake_data": 12})
+    (root / "fake_data" / "same.png").write_bytes((root / "real_data" / "3.png").read_bytes())
+    with pytest.warns(UserWarning, match=r"left out 2 file\(s\).*both real_data and fake_data"):
+        main.main(tiny_args(root, tmp_path / "run", "--epochs", "1"))
+    with open(tmp_path / "run" / "split.csv") as f:
+        paths = {r["path"] for r in csv.DictReader(f)}
+    assert str(root / "real_data" / "3.png") not in paths and str(root / "fake_data" / "same.png") not in paths
+    assert len(paths) == 23
+    summary = (tmp_path / "run" / "summary.md").read_text()
+    assert "files in both real_data and fake_data, left out: 2" in summary and "same.png" in summary
 
 
 def test_nothing_left_to_train_on_stops_cleanly(tmp_path):
@@ -138,11 +223,14 @@ def test_missing_data_folder_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("flags", [["--epochs", "0"], ["--lr", "0"], ["--lr", "-1e-3"], ["--batch_size", "0"],
-                                   ["--val_fraction", "0.6", "--test_fraction", "0.5"], ["--test_fraction", "1.2"]])
+                                   ["--val_fraction", "0.6", "--test_fraction", "0.5"], ["--test_fraction", "1.2"],
+                                   ["--image_size", "1"], ["--image_size", "31"], ["--max_per_class", "-5"],
+                                   ["--workers", "-1"], ["--weight_decay", "-0.1"]])
 def test_impossible_flag_values_are_argparse_errors(flags, capsys):
     with pytest.raises(SystemExit) as e:
         main.parse_args(flags)
-    assert e.value.code == 2 and "error" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and (f"argument {flags[0]}" in err or "--val_fraction + --test_fraction" in err)
 
 
 def test_evaluate_only_without_a_checkpoint_is_one_clear_error(faces_root, tmp_path):

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-import dataset
 import engine
+import main
 import predict
 from model import DeepfakeDetector
 
@@ -36,19 +36,14 @@ def ckpt(trained_run):
 
 @pytest.fixture(scope="module")
 def test_split(trained_run, ckpt):
-    """The run's test images and P(fake) from engine.evaluate, prepared as main.py --evaluate_only does."""
-    args = engine.load_checkpoint(ckpt)["args"]
-    net = DeepfakeDetector(args["model"], "none")
-    net.load_state_dict(engine.load_checkpoint(ckpt)["model"])
-    data = dataset.prepare_data(args["data_root"], args["image_size"], net.mean, net.std, args["val_fraction"],
-                                args["test_fraction"], args["seed"], args["max_per_class"],
-                                args["cache_dir"], workers=0)
-    ds = data.datasets["test"]
-    amp = engine.autocast_dtype(torch.device("cpu"))
-    if amp is not None:
-        net.to(memory_format=torch.channels_last)
-    loader = torch.utils.data.DataLoader(ds, batch_size=16)
-    out = engine.evaluate(net, nn.CrossEntropyLoss(), loader, torch.device("cpu"), amp, amp is not None)
+    """The run's test images and the P(fake) that main.py --evaluate_only computes for them
+    (its own functions: flags from the checkpoint, load_detector, load_data, engine.evaluate)."""
+    args = main.parse_args(["--evaluate_only", "--checkpoint", str(ckpt), "--workers", "0"])
+    main.take_flags_from_checkpoint(args, engine.load_checkpoint(ckpt)["args"])
+    detector = engine.load_detector(ckpt)
+    ds = main.load_data(args, detector.model).datasets["test"]
+    out = engine.evaluate(detector.model, nn.CrossEntropyLoss(), main.make_loader(ds, args, False),
+                          detector.precision)
     return [s.path for s in ds.samples], out["probs"]
 
 
@@ -63,6 +58,7 @@ def test_no_crop_scores_match_training_evaluation(ckpt, test_split, tmp_path):
     np.testing.assert_allclose([got[p] for p in paths], expected, atol=1e-3)
     threshold = float(rows[0]["threshold"])
     assert threshold == pytest.approx(engine.load_checkpoint(ckpt)["threshold"])
+    assert np.std(expected) > 1e-3  # a model that scores every face alike would make this test say nothing
     assert all(r["label"] == ("fake" if float(r["fake_probability"]) >= threshold else "real") for r in rows)
     assert len(out["results"]) == len(paths) and not out["errors"]
 
@@ -112,6 +108,15 @@ def test_gradcam_files_and_refusal_to_overwrite(ckpt, faces_root, tmp_path):
         run_predict("--checkpoint", ckpt, "--input", *images, "--gradcam", cams)
 
 
+def test_scoring_one_image_in_a_few_lines(ckpt, faces_root):
+    p = predict.Predictor(ckpt, no_crop=True)
+    image = sorted((faces_root / "fake_data").glob("*.jpg"))[0]
+    found = p.read(image)
+    probs = p.score(found.crops)
+    assert found.kind == "image" and found.frames == 1 and len(probs) == 1 and 0 <= probs[0] <= 1
+    assert p.label(probs.mean()) == p.predict_file(image)["label"] == ("fake" if probs[0] >= p.threshold else "real")
+
+
 def test_predictor_is_thread_safe_and_returns_the_web_fields(ckpt, faces_root):
     predictor = predict.Predictor(ckpt, no_crop=True)
     images = sorted((faces_root / "real_data").glob("*.jpg"))[:4]
@@ -155,3 +160,21 @@ def test_exit_code_when_nothing_could_be_scored(ckpt, tmp_path):
     assert len(lines) == 2 and "a.txt: not an image or video" in lines[0] and "missing.jpg: file not found" in lines[1]
     with pytest.raises(SystemExit, match="none.pt: checkpoint not found"):  # sys.exit(message): code 1
         run_predict("--checkpoint", tmp_path / "none.pt", "--input", tmp_path / "a.txt")
+
+
+def test_an_existing_file_as_output_folder_is_one_clear_error(ckpt, tmp_path):
+    (tmp_path / "foo.jpg").write_bytes(b"an earlier picture")
+    with pytest.raises(SystemExit, match="--output .*foo.jpg is an existing file"):
+        run_predict("--checkpoint", ckpt, "--input", tmp_path / "foo.jpg", "--output", tmp_path / "foo.jpg")
+    assert (tmp_path / "foo.jpg").read_bytes() == b"an earlier picture"
+
+
+def test_degenerate_and_oversized_pictures(ckpt, tmp_path):
+    Image.new("RGB", (1, 5000), (120, 90, 80)).save(tmp_path / "sliver.png")
+    Image.new("1", (7000, 7000)).save(tmp_path / "bomb.png")  # a few KB on disk, 49 MP decoded
+    out = run_predict("--checkpoint", ckpt, "--input", tmp_path / "sliver.png", tmp_path / "bomb.png",
+                      "--max_pixels", "40000000")
+    [sliver] = out["results"]
+    assert sliver["label"] == predict.NO_FACE and sliver["faces"] == 0
+    [(path, message)] = out["errors"]
+    assert path.endswith("bomb.png") and "7000x7000" in message and "--max_pixels" in message

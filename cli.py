@@ -1,0 +1,51 @@
+"""The command line: flag checks shared by the entry scripts, and progress bars.
+
+Nothing here imports torch, so faces.py (and its worker processes) start fast.
+
+    parser.add_argument("--epochs", type=positive(int))         # "must be > 0, got 0" from argparse
+    parser.add_argument("--max_per_class", type=at_least(int, 0))
+    for batch in progress(loader, "train"): ...                  # a bar on a terminal, silent in a log
+"""
+import argparse
+
+from tqdm import tqdm
+
+
+def at_least(cast, minimum, strict=False):
+    """argparse type: cast(text) >= minimum (> minimum when strict)."""
+    def check(text):
+        value = cast(text)
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        return value
+    return check
+
+
+def positive(cast):
+    """argparse type: cast(text) > 0."""
+    return at_least(cast, 0, strict=True)
+
+
+def fraction(text):
+    """argparse type: a float in [0, 1)."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def given_flags(get_args_parser, argv, args):
+    """The flags the command line really gave, as opposed to those filled in from defaults.
+
+    argparse fills in a default only where the namespace lacks the attribute, so parsing
+    into a namespace pre-filled with a marker leaves the marker exactly on the flags not given.
+    """
+    unset = object()
+    probe = get_args_parser().parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args), unset)))
+    return {k for k, v in vars(probe).items() if v is not unset}
+
+
+def progress(iterable, desc, unit="batch", **kwargs):
+    """A tqdm bar on a terminal; nothing when output goes to a file (disable=None), so a
+    log holds the one line per epoch that main.py prints, not one per batch."""
+    return tqdm(iterable, desc=desc, leave=False, unit=unit, disable=None, **kwargs)
