@@ -23,17 +23,13 @@ from torch.utils.data import DataLoader
 import dataset
 import engine
 import features
+import presets
 import utils
 from cli import positive
 from media import MediaError, is_video, load_rgb, sample_frames
 from model import DeepfakeDetector
 
 FACES = "../shared/data/faces140k"
-
-
-def machine(device):
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else utils.cpu_description()
-    return f"{name}; torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def best_of(rounds, rows, measure):
@@ -104,12 +100,12 @@ def bench_train(args):
                                 max_per_class=n // 2 + 1, cache_dir=args.cache_dir, workers=args.workers)
     cached = data.datasets["train"]
     plain = dataset.DeepfakeDataset(cached.samples, cached.transform, cache=None, size=cached.size)
-    as_eval = lambda d: dataset.DeepfakeDataset(d.samples, dataset.eval_transform(args.image_size, mean, std),  # noqa
+    as_eval = lambda d: dataset.DeepfakeDataset(d.samples, presets.eval_transform(args.image_size, mean, std),  # noqa
                                                 d.cache, d.size)
     rows = {"plain fp32 (decode every JPEG, fp32, NCHW)": (plain, fp32), "cache fp32": (cached, fp32),
             f"plain {default}": (plain, default), f"**default** (cache + {default})": (cached, default)}
     print(f"ResNet18 {args.image_size}px, batch {args.batch_size}, {args.workers} loader workers, "
-          f"{len(cached)} images; {machine(device)}")
+          f"{len(cached)} images; {utils.describe_machine(device)}")
     results = best_of(args.rounds, list(rows), lambda row: train_and_infer(rows[row][0], as_eval(rows[row][0]),
                                                                             rows[row][1], args))
     (base_train, base_infer) = results[next(iter(rows))]
@@ -150,10 +146,10 @@ def bench_predict(args):
     def speed(row):
         fn, bs = rows[row]
         return len(x) / timed(lambda: [fn(x[i:i + bs]) for i in range(0, len(x), bs)])
-    print(f"{len(x)} face crops at {fast.image_size} px; model only; {machine(device)}")
+    print(f"{len(x)} face crops at {fast.image_size} px; model only; {utils.describe_machine(device)}")
     speeds = best_of(args.rounds, list(rows), speed)
     base = speeds[next(iter(rows))]
-    print(f"\n| path | img/s | x |\n| --- | --- | --- |")
+    print("\n| path | img/s | x |\n| --- | --- | --- |")
     for name, s in speeds.items():
         print(f"| {name} | {s:.1f} | {s / base:.2f} |")
     return speeds
@@ -190,8 +186,8 @@ def bench_features(args, head_epochs=5):
             ("frozen backbone, feature pass (first epoch, once)", extract_s),
             (f"frozen backbone, cached features (median of {head_epochs})", head_s)]
     print(f"\n{args.model}, {len(train_ds)} training images at {model.input_size} px, batch {args.batch_size}, "
-          f"{precision}; {machine(device)}")
-    print(f"\n| epoch | seconds | x cheaper |\n| --- | --- | --- |")
+          f"{precision}; {utils.describe_machine(device)}")
+    print("\n| epoch | seconds | x cheaper |\n| --- | --- | --- |")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.4f} | {full / seconds:.1f} |")
     return {"full_epoch_s": full, "frozen_epoch_s": frozen, "feature_pass_s": extract_s, "head_epoch_s": head_s,
@@ -207,8 +203,8 @@ def bench_faces(args):
     totals = {name: [0, 0.0] for name in ["decode", *detectors]}  # frames, seconds
     sources = sorted(p for p in Path(args.input).rglob("*") if is_video(p)) if Path(args.input).is_dir() \
         else [Path(args.input)]
-    print(f"load average {os.getloadavg()[0]:.1f}; one process; {machine(torch.device('cpu'))}")
-    print(f"\n| clip | size | frames | step | faces/frame | ms/frame | frames/s |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"load average {os.getloadavg()[0]:.1f}; one process; {utils.describe_machine(torch.device('cpu'))}")
+    print("\n| clip | size | frames | step | faces/frame | ms/frame | frames/s |\n| --- | --- | --- | --- | --- | --- | --- |")
 
     def row(clip, size, n, step, found, seconds):
         totals[step][0] += n

@@ -7,8 +7,12 @@ Nothing here imports torch, so faces.py (and its worker processes) start fast.
     for batch in progress(loader, "train"): ...                  # a bar on a terminal, silent in a log
 """
 import argparse
+import os
+import sys
 
 from tqdm import tqdm
+
+_silent = False  # set in the processes that must not print (torchrun's ranks > 0)
 
 
 def at_least(cast, minimum, strict=False):
@@ -48,4 +52,11 @@ def given_flags(get_args_parser, argv, args):
 def progress(iterable, desc, unit="batch", **kwargs):
     """A tqdm bar on a terminal; nothing when output goes to a file (disable=None), so a
     log holds the one line per epoch that main.py prints, not one per batch."""
-    return tqdm(iterable, desc=desc, leave=False, unit=unit, disable=None, **kwargs)
+    return tqdm(iterable, desc=desc, leave=False, unit=unit, disable=True if _silent else None, **kwargs)
+
+
+def silence():
+    """From now on this process prints nothing and shows no progress bar (errors still go to stderr)."""
+    global _silent
+    _silent = True
+    sys.stdout = open(os.devnull, "w")

@@ -1,8 +1,16 @@
-"""Compare backbones fairly: same split, seed, decoded images and input size; one table.
+"""Compare training runs fairly: backbones on one split, or training recipes over several seeds.
 
     python compare.py --models resnet18,mobilenet_v3_large,efficientnet_b0 \\
         --data_root ../shared/data/faces140k --weights none --epochs 2 --max_per_class 150
     python compare.py --models resnet18,convnext_tiny --data_root Dataset --epochs 5 --overwrite
+    python compare.py --recipes experiments/from_scratch.txt --seeds 0 1 2 \\
+        --data_root ../shared/data/faces140k --weights none --output_dir results/from_scratch
+
+--recipes FILE holds one `name: main.py flags` per line. Every recipe runs once per --seed
+(the seed sets the split, the initial weights and the batches), each in its own folder
+<output_dir>/recipes/<name>/seed<k>/, and recipes.md tabulates validation and test ROC-AUC
+as mean +/- std over the seeds, --test_sets AUCs, training minutes and img/s. Pick a recipe
+by its validation AUC: the test column is the report, not a knob.
 
 Every flag except --models is main.py's and is passed to each `python main.py` run
 unchanged, with --model NAME and --output_dir <output_dir>/compare/NAME added. --image_size defaults
@@ -18,11 +26,14 @@ import argparse
 import csv
 import hashlib
 import json
+import shlex
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib
+
 matplotlib.use("Agg")  # files only, never windows
 import matplotlib.pyplot as plt
 
@@ -47,20 +58,31 @@ def bare_torch_memory_mib():
     return float(done.stdout.strip() or 0)
 
 
-def run_model(name, argv, out):
-    """Train and test one model with main.py in its own process; returns its table row (with "error"
-    if it failed). A subprocess, not a function call: a model that crashes or runs out of memory loses
-    only its own row, and the peak memory main.py records then belongs to that model alone."""
-    folder = out / "compare" / name
+def run_main(argv, folder):
+    """python main.py ARGV --output_dir FOLDER, its output in FOLDER/train.log; None, or why it failed.
+
+    A subprocess, not a function call: a run that crashes or runs out of memory loses only its
+    own row, and the peak memory main.py records then belongs to that run alone."""
     folder.mkdir(parents=True, exist_ok=True)
-    print(f"== {name}: training, output in {folder / 'train.log'}", flush=True)
+    print(f"== {' '.join(argv)}: output in {folder / 'train.log'}", flush=True)
     with open(folder / "train.log", "w") as log:
-        rc = subprocess.run([sys.executable, str(MAIN), *argv, "--model", name, "--output_dir", str(folder)],
+        rc = subprocess.run([sys.executable, str(MAIN), *argv, "--output_dir", str(folder)],
                             stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        why = last_message((folder / "train.log").read_text(errors="replace"))
-        print(f"   failed (exit code {rc}): {why}")
-        return {"model": name, "error": f"exit code {rc}: {why}"}
+    if rc == 0:
+        return None
+    why = f"exit code {rc}: {last_message((folder / 'train.log').read_text(errors='replace'))}"
+    print(f"   failed ({why})")
+    if rc == 2:  # argparse: a shared flag is wrong, and would be wrong for every run
+        sys.exit(f"error: main.py refused the flags: {why.split(': ', 1)[1]}")
+    return why
+
+
+def run_model(name, argv, out):
+    """Train and test one model with main.py; returns its table row (with "error" if it failed)."""
+    folder = out / "compare" / name
+    error = run_main([*argv, "--model", name], folder)
+    if error:
+        return {"model": name, "error": error}
     row = read_row(name, folder)
     print(f"   accuracy {row['accuracy']:.4f}  F1 {row['f1']:.4f}  ROC-AUC {row['roc_auc']:.4f}  "
           f"{row['train_s']:.0f} s  {row['infer_img_s']:.1f} img/s  {row['peak_mib']:.0f} MiB")
@@ -144,8 +166,6 @@ def compare(models, argv):
             rows.append({"model": name, "error": f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})"})
             continue
         rows.append(run_model(name, argv, out))
-        if rows[-1].get("error", "").startswith("exit code 2:"):  # argparse: a shared flag is wrong for every model
-            sys.exit(f"error: main.py refused the flags: {rows[-1]['error'].split(': ', 1)[1]}")
     import torch
     bare = bare_torch_memory_mib()
     for r in rows:
@@ -161,6 +181,78 @@ def compare(models, argv):
     return rows
 
 
+def read_recipes(path):
+    """{name: [main.py flags]} from lines `name: flags` ('#' starts a comment)."""
+    recipes = {}
+    for line in Path(path).read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, _, flags = line.partition(":")
+            recipes[name.strip()] = shlex.split(flags)
+    return recipes
+
+
+def mean_std(values):
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return "-"
+    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 \
+        else f"{values[0]:.4f}"
+
+
+def recipe_row(folder):
+    """What one finished recipe run left: val/test AUC, cross-dataset AUCs, minutes, img/s."""
+    metrics = json.loads((folder / "metrics.json").read_text())
+    with open(folder / "history.csv", newline="") as f:
+        history = list(csv.DictReader(f))
+    best = history[metrics["best_epoch"] - 1]
+    return {"val_auc": float(best["val_auc"]), "test_auc": metrics["at_val_threshold"]["roc_auc"],
+            "sets": {r["name"]: r.get("roc_auc", float("nan")) for r in metrics.get("test_sets", [])[1:]},
+            "minutes": sum(float(h["epoch_s"]) for h in history) / 60,
+            "img_s": statistics.mean(float(h["train_img_s"]) for h in history)}
+
+
+def compare_recipes(recipes_file, seeds, argv):
+    """Run every recipe once per seed; write recipes.md (mean +/- std over seeds). Returns the rows."""
+    shared, _ = shared_flags().parse_known_args(argv)
+    out = Path(shared.output_dir)
+    md = out / "recipes.md"
+    if md.exists() and not shared.overwrite:
+        sys.exit(f"{md} already holds a comparison; pass --overwrite to replace it, or pick another --output_dir")
+    rows = {}
+    for name, flags in read_recipes(recipes_file).items():
+        runs = []
+        for seed in seeds:
+            folder = out / "recipes" / name / f"seed{seed}"
+            error = run_main([*argv, *flags, "--seed", str(seed)], folder)
+            runs.append({"error": error} if error else recipe_row(folder))
+        rows[name] = {"flags": " ".join(flags), "runs": runs}
+        ok = [r for r in runs if "error" not in r]
+        print(f"   {name}: test ROC-AUC {mean_std([r['test_auc'] for r in ok])} over {len(ok)} seed(s)")
+    sets = sorted({s for row in rows.values() for r in row["runs"] if "sets" in r for s in r["sets"]})
+    lines = ["# Training recipes", "", f"Command: `python compare.py --recipes {recipes_file} --seeds "
+             f"{' '.join(map(str, seeds))} {' '.join(argv)}`", "",
+             "| recipe | flags | val ROC-AUC | test ROC-AUC | " + "".join(f"{s} ROC-AUC | " for s in sets)
+             + "training minutes | train img/s | seeds |",
+             "| --- | --- | --- | --- | " + "--- | " * len(sets) + "--- | --- | --- |"]
+    for name, row in rows.items():
+        ok = [r for r in row["runs"] if "error" not in r]
+        failed = "; ".join(r["error"] for r in row["runs"] if "error" in r).replace("|", "/")
+        cells = [name, f"`{row['flags']}`", mean_std([r["val_auc"] for r in ok]), mean_std([r["test_auc"] for r in ok]),
+                 *(mean_std([r["sets"].get(s, float("nan")) for r in ok]) for s in sets),
+                 f"{statistics.mean(r['minutes'] for r in ok):.1f}" if ok else "-",
+                 f"{statistics.mean(r['img_s'] for r in ok):.1f}" if ok else "-",
+                 f"{len(ok)}" + (f" (failed: {failed})" if failed else "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± standard deviation over the seeds; each seed has its own split, initial weights and "
+              "batches. Validation AUC is the best epoch's (the one kept); test AUC is that checkpoint on the test "
+              "split, at the threshold chosen on validation. Choose by validation, report test.", ""]
+    md.parent.mkdir(parents=True, exist_ok=True)
+    md.write_text("\n".join(lines))
+    print(f"wrote {md}")
+    return rows
+
+
 def shared_flags():
     """The few main.py flags compare.py itself needs; main.py checks all of them."""
     parser = argparse.ArgumentParser(add_help=False)
@@ -170,15 +262,29 @@ def shared_flags():
     return parser
 
 
-def parse_args(argv=None):
-    """compare.py's own flag; everything else is passed to main.py."""
-    parser = argparse.ArgumentParser(description="Compare backbones on one split; other flags: python main.py -h")
+def get_args_parser():
+    """compare.py's own flags; every other flag is passed to main.py."""
+    parser = argparse.ArgumentParser(description="Compare backbones on one split, or recipes over seeds; "
+                                     "other flags go to main.py (python main.py -h)")
     parser.add_argument("--models", default="resnet18,mobilenet_v3_large,efficientnet_b0",
                         help="comma-separated backbones, see main.py --model "
                         "(default: resnet18,mobilenet_v3_large,efficientnet_b0)")
-    ours, rest = parser.parse_known_args(argv)
+    parser.add_argument("--recipes", default=None, metavar="FILE", help="compare the recipes in FILE "
+                        "(`name: main.py flags` per line) instead of backbones (default: off)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="with --recipes: one run per seed (default: 0 1 2)")
+    return parser
+
+
+def parse_args(argv=None):
+    """(models, main.py flags) for a backbone comparison."""
+    ours, rest = get_args_parser().parse_known_args(argv)
     return [m.strip() for m in ours.models.split(",") if m.strip()], rest
 
 
 if __name__ == "__main__":
-    compare(*parse_args())
+    ours, rest = get_args_parser().parse_known_args()
+    if ours.recipes:
+        compare_recipes(ours.recipes, ours.seeds, rest)
+    else:
+        compare(*parse_args())

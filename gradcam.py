@@ -19,6 +19,7 @@ GradCAMUnsupported.
 import math
 
 import matplotlib
+
 matplotlib.use("Agg")  # files only, never windows (servers, CI)
 import matplotlib.pyplot as plt
 import numpy as np

@@ -45,7 +45,17 @@ import faces
 import gradcam
 from cli import positive
 from dataset import CLASSES
-from media import IMAGE_EXTS, MAX_PIXELS, VIDEO_EXTS, MediaError, find_media, is_image, is_video, load_rgb, sample_frames
+from media import (
+    IMAGE_EXTS,
+    MAX_PIXELS,
+    VIDEO_EXTS,
+    MediaError,
+    find_media,
+    is_image,
+    is_video,
+    load_rgb,
+    sample_frames,
+)
 
 NO_FACE = "uncertain (no face)"
 CSV_COLUMNS = ["input", "kind", "row", "frame", "face", "label", "fake_probability", "threshold", "frames",

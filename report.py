@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+
 matplotlib.use("Agg")  # write files, never open windows (servers, CI)
 import matplotlib.pyplot as plt
 import numpy as np
@@ -48,6 +49,15 @@ def compute_metrics(labels, probs, threshold=0.5):
         "eer": eer_threshold(labels, probs)[1],
         "n_images": int(len(labels)),
     }
+
+
+def write_predictions(paths, labels, probs, threshold, path):
+    """predictions.csv: one row per scored image (its P(fake) and the call at the chosen threshold)."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "fake_probability", "called"])
+        for p, label, prob in zip(paths, labels, probs):
+            w.writerow([p, CLASSES[int(label)], repr(float(prob)), CLASSES[int(prob >= threshold)]])
 
 
 def write_history_csv(history, path):
@@ -125,6 +135,7 @@ def write_summary(out, info):
     out = Path(out)
     m, t = info["metrics"]["at_val_threshold"], info["metrics"]["at_0.5"]
     lines = [f"# Deepfake detector: {info['title']}", ""]
+    lines += [f"**Note:** {note}" for note in info.get("notes", [])] + ([""] if info.get("notes") else [])
     lines += [f"Command: `{info['command']}`", ""]
     lines += ["## Test metrics", "",
               "| threshold | accuracy | precision | recall | F1 | ROC-AUC | AP | EER |",
@@ -135,16 +146,54 @@ def write_summary(out, info):
                      f"{row['eer']:.4f} |")
     lines += ["", "Positive class = fake. Precision/recall/F1 are for the fake class; "
               "per-class numbers are in [classification_report.txt](classification_report.txt).", ""]
+    if info.get("test_sets"):
+        lines += ["## Cross-dataset", "", "The best checkpoint on held-out folders it never trained on, at the "
+                  "threshold chosen on validation. ROC-AUC needs both classes; a folder of one kind shows the "
+                  "share called fake.", "",
+                  "| set | images (real / fake) | ROC-AUC | accuracy | EER | called fake |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for row in info["test_sets"]:
+            if "error" in row:
+                lines.append(f"| {row['name']} | not scored: {row['error']} | | | | |")
+                continue
+            counts = f"{row['real']} / {row['fake']}" if row.get("real") is not None else \
+                f"{row['n_images']} (unlabelled)"
+            number = lambda key: f"{row[key]:.4f}" if key in row else "-"  # noqa: E731
+            lines.append(f"| {row['name']} | {counts} | {number('roc_auc')} | {number('accuracy')} | "
+                         f"{number('eer')} | {row['called_fake']:.3f} |")
+        lines.append("")
     lines += ["## Data", ""] + [f"- {k}: {v}" for k, v in info["data"].items()] + [""]
     if info.get("training"):
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info["training"].items()] + [""]
     for title, image in (("Training curves", "training_curves.png"), ("Confusion matrix", "confusion_matrix.png"),
-                         ("ROC and precision-recall", "roc_curve.png"), ("Grad-CAM examples", "gradcam_examples.png")):
+                         ("ROC and precision-recall", "roc_curve.png"), ("Grad-CAM examples", "gradcam_examples.png"),
+                         ("Pseudo-fakes (self-blended images)", "pseudo_fakes.png")):
         if (out / image).is_file():
             lines += [f"## {title}", "", f"![{title}]({image})", ""]
-    lines += ["## Files", "", "`metrics.json` (all numbers), `history.csv` (per epoch), `args.json` "
-              "(every flag), `split.csv` (which image went where), `checkpoints/` (last.pt, best.pt).", ""]
+    lines += ["## Files", "", "`metrics.json` (all numbers), `predictions.csv` (P(fake) of every test image), "
+              "`history.csv` (per epoch), `args.json` (every flag), `split.csv` (which image went where), "
+              "`checkpoints/` (last.pt, best.pt).", ""]
     (out / "summary.md").write_text("\n".join(lines))
+
+
+def data_story(data):
+    """The facts about the data that belong in summary.md."""
+    counts = {split: f"{len(ds)} ({sum(t == 0 for t in ds.targets)} real, {sum(t == 1 for t in ds.targets)} fake"
+                     + (f", of which {sum(s.pseudo for s in ds.samples)} self-blended" if ds.blend else "") + ")"
+              for split, ds in data.datasets.items()}
+    story = {"layout": "pre-split folders" if data.presplit else "one pool, split here (stratified, grouped, seeded)",
+             **{f"{k} images": v for k, v in counts.items()},
+             "byte-identical duplicates found (kept in one split)": data.duplicates,
+             "groups of several files (video frames or copies), each kept in one split": data.multi_file_groups,
+             "unreadable files skipped": len(data.corrupt),
+             "files in both real_data and fake_data, left out": len(data.conflicts)}
+    if data.dropped_copies:
+        story["val/test copies of train files removed"] = data.dropped_copies
+    if data.corrupt:
+        story["unreadable files"] = ", ".join(f"`{p}`" for p in list(data.corrupt)[:10])
+    if data.conflicts:
+        story["left out as both real and fake"] = ", ".join(f"`{p}`" for p in data.conflicts[:10])
+    return story
 
 
 def write_json(obj, path):

@@ -45,8 +45,8 @@ def client(predictor):
 
 
 @pytest.fixture(scope="module")
-def face_jpg(faces_root):
-    return sorted((faces_root / "real_data").glob("*.jpg"))[0]
+def face_jpg(sample_root):
+    return sorted((sample_root / "real_data").glob("*.jpg"))[0]
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +97,9 @@ def test_face_image_scored_by_predict_file(client, predictor, face_jpg):
     assert crop.size[0] > 16 and cam.size[0] > 16
 
 
-def test_video_rows_and_image_cap(predictor, videos_root):
+def test_video_rows_and_image_cap(predictor, face_video):
     client = webapp.create_app(predictor, max_images=2).test_client()
-    r = post(client, (videos_root / "real_hamilton_clip.mp4").read_bytes(), "clip.mov")
+    r = post(client, face_video.read_bytes(), "clip.mov")
     a = r.get_json()
     assert r.status_code == 200, a
     assert a["kind"] == "video" and a["frames"] > 1 and a["images_total"] == len(a["rows"])
@@ -197,8 +197,8 @@ def test_uploads_never_left_behind_nor_named_by_client(client, face_jpg, tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_concurrent_requests_get_their_own_answers(client, faces_root, blank_png):
-    paths = sorted((faces_root / "real_data").glob("*.jpg"))[:2] + sorted((faces_root / "fake_data").glob("*.jpg"))[:1]
+def test_concurrent_requests_get_their_own_answers(client, sample_root, blank_png):
+    paths = sorted((sample_root / "real_data").glob("*.jpg"))[:2] + sorted((sample_root / "fake_data").glob("*.jpg"))[:1]
     uploads = [(p.read_bytes(), p.name) for p in paths] + [(blank_png, "blank.png")]
     expected = [post(client, d, n).get_json() for d, n in uploads]
     results = [None] * len(uploads)

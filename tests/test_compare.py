@@ -4,9 +4,9 @@ import pytest
 import compare
 
 
-def test_failing_model_gets_an_error_row_and_the_others_complete(faces_root, tmp_path, capsys):
+def test_failing_model_gets_an_error_row_and_the_others_complete(sample_root, tmp_path, capsys):
     out = tmp_path / "results"
-    flags = ["--data_root", str(faces_root), "--weights", "none", "--epochs", "1", "--max_per_class", "12",
+    flags = ["--data_root", str(sample_root), "--weights", "none", "--epochs", "1", "--max_per_class", "12",
              "--image_size", "64", "--batch_size", "8", "--workers", "0", "--precision", "fp32",
              "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(out)]
     models, argv = compare.parse_args(["--models", "resnet18,no_such_net,mobilenet_v2", *flags])
@@ -31,8 +31,8 @@ def test_failing_model_gets_an_error_row_and_the_others_complete(faces_root, tmp
         compare.compare(models, argv)
 
 
-def test_a_bad_shared_flag_stops_before_the_second_model(faces_root, tmp_path, capsys):
-    models, argv = compare.parse_args(["--models", "resnet18,mobilenet_v2", "--data_root", str(faces_root),
+def test_a_bad_shared_flag_stops_before_the_second_model(sample_root, tmp_path, capsys):
+    models, argv = compare.parse_args(["--models", "resnet18,mobilenet_v2", "--data_root", str(sample_root),
                                        "--epochs", "0", "--output_dir", str(tmp_path)])
     with pytest.raises(SystemExit, match="main.py refused the flags: .*argument --epochs: must be > 0"):
         compare.compare(models, argv)

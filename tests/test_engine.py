@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import dataset
 import engine
+import presets
 import report
 import utils
 from media import load_rgb
@@ -42,13 +42,13 @@ def test_loops_average_over_images_when_the_last_batch_is_smaller():
     assert train["loss"] == pytest.approx(per_image.mean().item()) and train["acc"] == pytest.approx(4 / 5)
 
 
-def test_train_one_epoch_drives_the_loss_down_on_a_tiny_real_batch(faces_root):
+def test_train_one_epoch_drives_the_loss_down_on_a_tiny_real_batch(sample_root):
     """8 real + 8 fake faces, random init, the engine's own loop: the model and loss are wired right."""
     torch.manual_seed(0)
-    paths = sorted((faces_root / "real_data").glob("*.jpg"))[:8] + sorted((faces_root / "fake_data").glob("*.jpg"))[:8]
+    paths = sorted((sample_root / "real_data").glob("*.jpg"))[:8] + sorted((sample_root / "fake_data").glob("*.jpg"))[:8]
     model = DeepfakeDetector("resnet18", weights="none")
-    tf = dataset.eval_transform(64, model.mean, model.std)
-    x = torch.stack([tf(torch.from_numpy(dataset.resize_square(load_rgb(p), 73)).permute(2, 0, 1)) for p in paths])
+    tf = presets.eval_transform(64, model.mean, model.std)
+    x = torch.stack([tf(torch.from_numpy(presets.resize_square(load_rgb(p), 73)).permute(2, 0, 1)) for p in paths])
     loader = DataLoader(TensorDataset(x, torch.tensor([0] * 8 + [1] * 8)), batch_size=16)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = [engine.train_one_epoch(model, nn.CrossEntropyLoss(), optimizer, loader, CPU, e)["loss"]

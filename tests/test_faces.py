@@ -13,10 +13,13 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import face_scene, sample_face, write_video  # noqa: E402
+
 import faces  # noqa: E402
 from media import crop_source, is_image, is_video  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
 VIDEOS = DATA / "videos"
 LABELLED = ["real_facenet_example.mp4", "real_hamilton_clip.mp4", "uadfv_0017_fake.mp4", "dfdc_widuwuoiur_fake.mp4"]
 
@@ -27,31 +30,8 @@ def need(path: Path) -> Path:
     return path
 
 
-def write_video(path: Path, frames, rate: int = 10, codec: str = "mpeg4", fmt=None) -> Path:
-    with av.open(str(path), "w", format=fmt) as out:
-        stream = out.add_stream(codec, rate=rate)
-        stream.height, stream.width = frames[0].shape[:2]
-        stream.pix_fmt = "yuv420p"
-        for rgb in frames:
-            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        out.mux(stream.encode())
-    return path
-
-
-def face_photo(i: int = 1) -> np.ndarray:
-    return np.asarray(Image.open(need(DATA / "faces140k" / "real_data" / f"{i:05d}.jpg")).convert("RGB"))
-
-
-def face_scene(n: int, w: int = 480, h: int = 360) -> list:
-    """A real face photo pasted on grey, drifting to the right, as n frames."""
-    face = np.asarray(Image.fromarray(face_photo()).resize((160, 160)))
-    frames = []
-    for i in range(n):
-        rgb = np.full((h, w, 3), 90, np.uint8)
-        x = 60 + 10 * i
-        rgb[100:260, x:x + 160] = face
-        frames.append(rgb)
-    return frames
+def face_photo(i: int = 0) -> np.ndarray:
+    return sample_face(i)
 
 
 def run(inputs, output, *extra):
@@ -71,7 +51,7 @@ def media(tmp_path_factory):
     write_video(d / "face.mp4", face_scene(12))
     write_video(d / "blank.mp4", [np.full((120, 160, 3), 128, np.uint8)] * 8)
     Image.new("RGB", (200, 150), "white").save(d / "blank_photo.png")
-    Image.fromarray(face_photo(2)).save(d / "photo.jpg")
+    Image.fromarray(face_photo(1)).save(d / "photo.jpg")
     (d / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20000))
     (d / "truncated.mp4").write_bytes((d / "face.mp4").read_bytes()[:3000])
     (d / "notes.txt").write_text("not media")
@@ -297,13 +277,18 @@ def test_missing_yuface_package_names_the_way_out(monkeypatch):
 def test_training_on_a_faces_py_folder_keeps_each_video_in_one_split(tmp_path):
     """faces.py -> main.py: every crop of one source video lands in the same split."""
     import shutil
+
     import main
-    for label, clips in (("real", LABELLED[:2]), ("fake", LABELLED[2:])):
+    videos = []
+    for label in ("real", "fake"):
         photos = tmp_path / f"{label}_photos"
         photos.mkdir()
-        for p in sorted((need(DATA / "faces140k" / f"{label}_data")).glob("*.jpg"))[:16]:
+        for p in sorted((ROOT / "samples" / "faces" / f"{label}_data").glob("*.jpg"))[:16]:
             shutil.copy(p, photos)
-        run([need(VIDEOS / c) for c in clips] + [photos], tmp_path / "data" / f"{label}_data", "--frames", "6")
+        clips = [write_video(tmp_path / f"{label}_clip{k}.mp4", face_scene(8, face=sample_face(20 + k, f"{label}_data")))
+                 for k in range(2)]  # four videos in all, of four different faces
+        videos += [c.stem for c in clips]
+        run(clips + [photos], tmp_path / "data" / f"{label}_data", "--frames", "6")
     main.main(main.parse_args(["--data_root", str(tmp_path / "data"), "--weights", "none", "--epochs", "1",
                                "--image_size", "32", "--workers", "0", "--val_fraction", "0.25",
                                "--test_fraction", "0.25", "--output_dir", str(tmp_path / "run"),
@@ -314,7 +299,6 @@ def test_training_on_a_faces_py_folder_keeps_each_video_in_one_split(tmp_path):
     for r in rows:
         stem = Path(r["path"]).name.rsplit("_f", 1)[0]
         splits_of.setdefault(stem, set()).add(r["split"])
-    videos = [Path(c).stem for c in LABELLED]
     assert all(v in splits_of for v in videos)
     assert all(len(splits_of[v]) == 1 for v in videos), {v: splits_of[v] for v in videos}
     assert {s for splits in splits_of.values() for s in splits} == {"train", "val", "test"}

@@ -7,6 +7,7 @@ from PIL import Image
 from torch import nn
 
 import gradcam
+import presets
 from media import load_rgb
 from predict import Predictor
 
@@ -28,10 +29,14 @@ class Wrapped(nn.Module):
 
 
 @pytest.fixture(scope="module")
-def trained(trained_run, faces_root):
+def trained(trained_run, sample_root):
+    """The tiny trained model and four faces at 128 px (a 4x4 map at layer4; at its 64 px, 2x2)."""
     predictor = Predictor(trained_run / "checkpoints" / "best.pt", no_crop=True)
-    paths = sorted((faces_root / "real_data").glob("*.jpg"))[:2] + sorted((faces_root / "fake_data").glob("*.jpg"))[:2]
-    x = torch.stack([predictor.detector.preprocess(load_rgb(p)) for p in paths])
+    model = predictor.model
+    to_input = presets.eval_transform(128, model.mean, model.std)
+    paths = sorted((sample_root / "real_data").glob("*.jpg"))[:2] + sorted((sample_root / "fake_data").glob("*.jpg"))[:2]
+    x = torch.stack([to_input(torch.from_numpy(presets.resize_square(load_rgb(p), 146)).permute(2, 0, 1))
+                     for p in paths])
     return predictor, x
 
 
@@ -42,8 +47,8 @@ def test_maps_have_image_size_range_and_structure(trained):
     assert maps.shape == (len(x), x.shape[2], x.shape[3]) and maps.dtype == torch.float32
     assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1
     assert all(m.std() > 0.01 for m in maps), "a heatmap is flat"
-    # maps depend on the image: two different faces do not get the same heatmap
-    assert (maps[0] - maps[2]).abs().max() > 0.05
+    # maps depend on the image: four different faces do not all get the same heatmap
+    assert max((maps[0] - m).abs().max() for m in maps[1:]) > 0.05
 
 
 def test_frozen_backbone_and_training_mode_are_restored(trained):

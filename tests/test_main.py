@@ -60,12 +60,12 @@ def test_end_to_end_run_writes_every_report(trained_run):
     assert ckpt["best_val_auc"] == max(float(h["val_auc"]) for h in history)
 
 
-def test_evaluate_only_reproduces_the_test_metrics(trained_run, faces_root):
+def test_evaluate_only_reproduces_the_test_metrics(trained_run, sample_root):
     args = main.parse_args(["--evaluate_only", "--output_dir", str(trained_run),
                             "--cache_dir", str(trained_run / "cache"), "--workers", "0"])  # data_root: the checkpoint's
     again = main.main(args)
     first = json.loads((trained_run / "metrics.json").read_text())
-    assert args.data_root == str(faces_root)
+    assert args.data_root == str(sample_root)
     assert again["at_val_threshold"]["roc_auc"] == pytest.approx(first["at_val_threshold"]["roc_auc"], abs=1e-6)
     assert (trained_run / "evaluation" / "summary.md").is_file()
     with pytest.raises(SystemExit, match="--overwrite"):  # a second evaluation does not clobber the first
@@ -92,11 +92,11 @@ def interrupt_in_epoch(monkeypatch, epoch_to_stop):
     return real
 
 
-def test_interrupted_run_resumed_by_the_printed_hint_matches_an_uninterrupted_one(faces_root, tmp_path,
+def test_interrupted_run_resumed_by_the_printed_hint_matches_an_uninterrupted_one(sample_root, tmp_path,
                                                                                    monkeypatch, capsys):
     # non-default flags everywhere: the hint `--resume --output_dir R` must bring all of them back;
     # two loader workers: their augmentation RNG must follow the per-epoch seed too
-    flags = ["--data_root", str(faces_root), "--weights", "none", "--epochs", "3", "--image_size", "48",
+    flags = ["--data_root", str(sample_root), "--weights", "none", "--epochs", "3", "--image_size", "48",
              "--batch_size", "4", "--lr", "3e-4", "--max_per_class", "10", "--precision", "fp32", "--workers", "2",
              "--cache_dir", str(tmp_path / "cache")]
     main.main(main.parse_args(flags + ["--output_dir", str(tmp_path / "straight")]))
@@ -121,8 +121,8 @@ def test_interrupted_run_resumed_by_the_printed_hint_matches_an_uninterrupted_on
     assert used["resumed"] == used["straight"]
 
 
-def test_resume_refuses_a_changed_model_and_announces_more_epochs(faces_root, tmp_path, capsys):
-    main.main(tiny_args(faces_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
+def test_resume_refuses_a_changed_model_and_announces_more_epochs(sample_root, tmp_path, capsys):
+    main.main(tiny_args(sample_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
     resume = ["--resume", "--output_dir", str(tmp_path / "run"), "--workers", "0"]
     with pytest.raises(SystemExit, match=r"--model resnet50 conflicts with the checkpoint's resnet18"):
         main.main(main.parse_args(resume + ["--model", "resnet50"]))
@@ -135,29 +135,29 @@ def test_resume_refuses_a_changed_model_and_announces_more_epochs(faces_root, tm
     assert ckpt["epoch"] == 1 and ckpt["args"]["epochs"] == 2 and ckpt["args"]["image_size"] == 32
 
 
-def test_ctrl_c_in_the_first_epoch_keeps_the_partial_model(faces_root, tmp_path, monkeypatch):
+def test_ctrl_c_in_the_first_epoch_keeps_the_partial_model(sample_root, tmp_path, monkeypatch):
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(engine, "train_one_epoch", ctrl_c)
     with pytest.raises(SystemExit):
-        main.main(tiny_args(faces_root, tmp_path / "run", "--epochs", "2", "--max_per_class", "8"))
+        main.main(tiny_args(sample_root, tmp_path / "run", "--epochs", "2", "--max_per_class", "8"))
     assert engine.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["epoch"] == -1
 
 
-def test_resume_into_a_new_folder_keeps_the_data_and_best_checkpoint(faces_root, tmp_path):
-    main.main(tiny_args(faces_root, tmp_path / "a", "--epochs", "1", "--max_per_class", "8"))
+def test_resume_into_a_new_folder_keeps_the_data_and_best_checkpoint(sample_root, tmp_path):
+    main.main(tiny_args(sample_root, tmp_path / "a", "--epochs", "1", "--max_per_class", "8"))
     args = main.parse_args(["--resume", str(tmp_path / "a" / "checkpoints" / "last.pt"), "--epochs", "1",
                             "--output_dir", str(tmp_path / "b"), "--workers", "0"])  # no --data_root: the checkpoint's
     main.main(args)
-    assert args.data_root == str(faces_root) and (tmp_path / "b" / "summary.md").is_file()
+    assert args.data_root == str(sample_root) and (tmp_path / "b" / "summary.md").is_file()
     assert (tmp_path / "b" / "checkpoints" / "best.pt").is_file()
 
 
-def test_an_earlier_run_is_not_overwritten(faces_root, tmp_path):
-    main.main(tiny_args(faces_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
+def test_an_earlier_run_is_not_overwritten(sample_root, tmp_path):
+    main.main(tiny_args(sample_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
     before = (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes()
     with pytest.raises(SystemExit, match="--resume.*--overwrite"):
-        main.main(tiny_args(faces_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
+        main.main(tiny_args(sample_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
     assert (tmp_path / "run" / "checkpoints" / "last.pt").read_bytes() == before
 
 
@@ -233,20 +233,126 @@ def test_impossible_flag_values_are_argparse_errors(flags, capsys):
     assert e.value.code == 2 and (f"argument {flags[0]}" in err or "--val_fraction + --test_fraction" in err)
 
 
-def test_evaluate_only_without_a_checkpoint_is_one_clear_error(faces_root, tmp_path):
+def test_evaluate_only_without_a_checkpoint_is_one_clear_error(sample_root, tmp_path):
     with pytest.raises(SystemExit, match="error: .*best.pt: checkpoint not found"):
-        main.main(main.parse_args(["--evaluate_only", "--data_root", str(faces_root),
+        main.main(main.parse_args(["--evaluate_only", "--data_root", str(sample_root),
                                    "--output_dir", str(tmp_path / "nothing")]))
 
 
-def test_evaluate_only_scores_every_image_of_a_small_heldout_folder(trained_run, faces_root, tmp_path):
+def test_evaluate_only_scores_every_image_of_a_small_heldout_folder(trained_run, sample_root, tmp_path):
     import shutil
     for cls, n in (("real_data", 5), ("fake_data", 3)):
         (tmp_path / "held" / cls).mkdir(parents=True)
-        for p in sorted((faces_root / cls).glob("*.jpg"))[-n:]:
+        for p in sorted((sample_root / cls).glob("*.jpg"))[-n:]:
             shutil.copy(p, tmp_path / "held" / cls)
     metrics = main.main(main.parse_args([
         "--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--eval_split", "all",
         "--data_root", str(tmp_path / "held"), "--output_dir", str(tmp_path / "out"),
         "--cache_dir", str(tmp_path / "cache"), "--workers", "0"]))
     assert metrics["at_0.5"]["n_images"] == 8  # not the training run's --max_per_class subset, no split needed
+
+
+def test_first_run_on_an_empty_dataset_folder_trains_on_the_bundled_sample(sample_root, tmp_path, monkeypatch, capsys):
+    (tmp_path / "Dataset").mkdir()
+    (tmp_path / "Dataset" / "README.md").write_text("put your data here")
+    monkeypatch.chdir(tmp_path)
+    main.main(main.parse_args(["--weights", "none", "--epochs", "1", "--image_size", "32", "--max_per_class", "10",
+                               "--workers", "0"]))
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("note: Dataset/ is empty: trained on the bundled sample")
+    summary = (tmp_path / "results" / "summary.md").read_text()
+    assert "Dataset/ is empty: trained on the bundled sample" in summary
+    assert json.loads((tmp_path / "results" / "args.json").read_text())["data_root"] == str(sample_root)
+
+
+def test_data_in_the_dataset_folder_is_used_alone(tmp_path, monkeypatch, capsys):
+    make_folder(tmp_path / "Dataset", {"real_data": 12, "fake_data": 12})
+    monkeypatch.chdir(tmp_path)
+    main.main(main.parse_args(["--weights", "none", "--epochs", "1", "--image_size", "32", "--workers", "0"]))
+    assert "bundled sample" not in capsys.readouterr().out
+    with open(tmp_path / "results" / "split.csv") as f:
+        paths = [r["path"] for r in csv.DictReader(f)]
+    assert len(paths) == 24 and all(p.startswith("Dataset") for p in paths)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path):
+    """No network and no cached weights: torch.hub's download fails as it does offline; counts the attempts."""
+    import urllib.error
+    attempts = []
+
+    def no_network(*args, **kwargs):
+        attempts.append(args)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # a weights file cached earlier is not used
+    monkeypatch.setattr(torch.hub, "urlopen", no_network)
+    return attempts
+
+
+def test_offline_without_weights_flag_falls_back_to_random_init_and_says_so(sample_root, tmp_path, offline, capsys):
+    out = tmp_path / "run"
+    main.main(main.parse_args(["--data_root", str(sample_root), "--epochs", "1", "--image_size", "32",
+                               "--max_per_class", "10", "--workers", "0", "--output_dir", str(out)]))
+    printed = capsys.readouterr().out
+    assert offline and printed.count("RANDOM INIT") == 2  # at the start and again at the end
+    assert json.loads((out / "args.json").read_text())["weights"] == "none"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["weights"] == "none" and "RANDOM INIT" in metrics["notes"][0]
+    assert "RANDOM INIT" in (out / "summary.md").read_text()
+
+
+def test_offline_with_weights_imagenet_asked_for_stops_with_three_ways_out(sample_root, tmp_path, offline):
+    with pytest.raises(SystemExit, match="(?s)Three ways out.*--weights none.*--weights PATH"):
+        main.main(main.parse_args(["--data_root", str(sample_root), "--weights", "imagenet", "--epochs", "1",
+                                   "--workers", "0", "--output_dir", str(tmp_path / "run")]))
+
+
+def test_a_local_weights_file_trains_and_evaluates_with_its_normalisation(sample_root, tmp_path):
+    from torchvision import models
+    torch.save(models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
+    out = tmp_path / "run"
+    main.main(main.parse_args(["--data_root", str(sample_root), "--weights", str(tmp_path / "resnet18.pth"),
+                               "--epochs", "1", "--image_size", "32", "--max_per_class", "10", "--workers", "0",
+                               "--output_dir", str(out), "--cache_dir", str(tmp_path / "cache")]))
+    assert json.loads((out / "args.json").read_text())["augment"] == "blur_jpeg"  # pretrained defaults
+    detector = engine.load_detector(out / "checkpoints" / "best.pt")
+    normalize = detector.transform.transforms[-1]
+    imagenet = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
+    assert list(normalize.mean) == list(imagenet.mean) and list(normalize.std) == list(imagenet.std)
+
+
+def test_data_is_checked_before_any_download(tmp_path, offline):
+    with pytest.raises(SystemExit, match="data folder not found"):
+        main.main(main.parse_args(["--data_root", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "r")]))
+    assert not offline
+
+
+def test_pseudo_fakes_go_into_training_only_with_their_picture(sample_root, tmp_path):
+    for mode, fakes in (("sbi", 2), ("sbi_only", 1)):  # fakes per real image in the training split
+        out = tmp_path / mode
+        main.main(tiny_args(sample_root, out, "--epochs", "1", "--max_per_class", "20", "--image_size", "64",
+                            "--pseudo_fakes", mode))
+        summary = (out / "summary.md").read_text()
+        train_line = next(line for line in summary.splitlines() if line.startswith("- train images"))
+        real = int(train_line.split("(")[1].split(" real")[0])
+        assert f"{fakes * real} fake, of which {real} self-blended" in train_line
+        assert "- val images: 6 (3 real, 3 fake)" in summary  # real data only
+        with Image.open(out / "pseudo_fakes.png") as im:
+            assert im.height > 600 and np.asarray(im.convert("L")).std() > 20
+
+
+def test_test_sets_add_a_cross_dataset_table(trained_run, sample_root, tmp_path):
+    import shutil
+    (tmp_path / "fakes").mkdir()
+    for p in sorted((sample_root / "fake_data").glob("*.jpg"))[:5]:
+        shutil.copy(p, tmp_path / "fakes")
+    metrics = main.main(main.parse_args([
+        "--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--workers", "0",
+        "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
+        "--test_sets", f"labelled={sample_root}", f"one_kind={tmp_path / 'fakes'}", f"missing={tmp_path / 'no'}"]))
+    rows = {r["name"]: r for r in metrics["test_sets"]}
+    assert rows["labelled"]["real"] == rows["labelled"]["fake"] == 100 and 0 <= rows["labelled"]["roc_auc"] <= 1
+    assert rows["one_kind"]["n_images"] == 5 and "roc_auc" not in rows["one_kind"]
+    assert 0 <= rows["one_kind"]["called_fake"] <= 1 and "not found" in rows["missing"]["error"]
+    summary = (tmp_path / "out" / "evaluation" / "summary.md").read_text()
+    assert "| labelled | 100 / 100 |" in summary and "| one_kind | 5 (unlabelled) |" in summary

@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
+import config
 import engine
 import main
 import predict
+import utils
 from model import DeepfakeDetector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,10 +41,10 @@ def test_split(trained_run, ckpt):
     """The run's test images and the P(fake) that main.py --evaluate_only computes for them
     (its own functions: flags from the checkpoint, load_detector, load_data, engine.evaluate)."""
     args = main.parse_args(["--evaluate_only", "--checkpoint", str(ckpt), "--workers", "0"])
-    main.take_flags_from_checkpoint(args, engine.load_checkpoint(ckpt)["args"])
+    config.take_flags_from_checkpoint(args, engine.load_checkpoint(ckpt)["args"])
     detector = engine.load_detector(ckpt)
-    ds = main.load_data(args, detector.model).datasets["test"]
-    out = engine.evaluate(detector.model, nn.CrossEntropyLoss(), main.make_loader(ds, args, False),
+    ds = main.load_data(args, detector.model, utils.Dist()).datasets["test"]
+    out = engine.evaluate(detector.model, nn.CrossEntropyLoss(), engine.make_loader(ds, 16, 0, utils.Dist()),
                           detector.precision)
     return [s.path for s in ds.samples], out["probs"]
 
@@ -63,8 +65,8 @@ def test_no_crop_scores_match_training_evaluation(ckpt, test_split, tmp_path):
     assert len(out["results"]) == len(paths) and not out["errors"]
 
 
-def test_video_no_face_and_bad_inputs(ckpt, videos_root, tmp_path):
-    video = videos_root / "uadfv_0017_fake.mp4"
+def test_video_no_face_and_bad_inputs(ckpt, face_video, tmp_path):
+    video = face_video
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     Image.new("RGB", (320, 240), (128, 128, 128)).save(inputs / "gray.png")
@@ -96,8 +98,8 @@ def test_video_no_face_and_bad_inputs(ckpt, videos_root, tmp_path):
         run_predict("--checkpoint", ckpt, "--input", inputs / "gray.png", "--output", out_dir)
 
 
-def test_gradcam_files_and_refusal_to_overwrite(ckpt, faces_root, tmp_path):
-    images = sorted((faces_root / "fake_data").glob("*.jpg"))[:2]
+def test_gradcam_files_and_refusal_to_overwrite(ckpt, sample_root, tmp_path):
+    images = sorted((sample_root / "fake_data").glob("*.jpg"))[:2]
     cams = tmp_path / "cams"
     run_predict("--checkpoint", ckpt, "--input", *images, "--gradcam", cams)
     files = sorted(cams.iterdir())
@@ -108,18 +110,18 @@ def test_gradcam_files_and_refusal_to_overwrite(ckpt, faces_root, tmp_path):
         run_predict("--checkpoint", ckpt, "--input", *images, "--gradcam", cams)
 
 
-def test_scoring_one_image_in_a_few_lines(ckpt, faces_root):
+def test_scoring_one_image_in_a_few_lines(ckpt, sample_root):
     p = predict.Predictor(ckpt, no_crop=True)
-    image = sorted((faces_root / "fake_data").glob("*.jpg"))[0]
+    image = sorted((sample_root / "fake_data").glob("*.jpg"))[0]
     found = p.read(image)
     probs = p.score(found.crops)
     assert found.kind == "image" and found.frames == 1 and len(probs) == 1 and 0 <= probs[0] <= 1
     assert p.label(probs.mean()) == p.predict_file(image)["label"] == ("fake" if probs[0] >= p.threshold else "real")
 
 
-def test_predictor_is_thread_safe_and_returns_the_web_fields(ckpt, faces_root):
+def test_predictor_is_thread_safe_and_returns_the_web_fields(ckpt, sample_root):
     predictor = predict.Predictor(ckpt, no_crop=True)
-    images = sorted((faces_root / "real_data").glob("*.jpg"))[:4]
+    images = sorted((sample_root / "real_data").glob("*.jpg"))[:4]
     alone = [predictor.predict_file(p, gradcam=True) for p in images]
     with ThreadPoolExecutor(4) as pool:
         together = list(pool.map(lambda p: predictor.predict_file(p, gradcam=True), images))

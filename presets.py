@@ -1,0 +1,54 @@
+"""What the network sees: the training and evaluation transforms, side by side.
+
+Images reach these as uint8 (3, S, S) tensors from the decoded-image cache, S =
+cache_size_for(image_size) (256 for 224): a little larger than the input, so random crops
+have room, and evaluation centre-crops at the same scale.
+
+    --augment none        centre crop, as in evaluation
+    --augment flip        centre crop + horizontal flip
+    --augment crop_flip   random crop + flip
+    --augment blur_jpeg   random crop + flip + occasional blur and JPEG re-compression
+                          (Wang et al., CVPR 2020, "CNN-generated images are surprisingly
+                          easy to spot... for now": their Blur+JPEG (0.1) setting)
+
+No augmentation rescales or rotates: resampling smears the pixel-level traces a generator
+leaves, which are what a detector learns from.
+"""
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torchvision.transforms import v2
+
+AUGMENTATIONS = ("none", "flip", "crop_flip", "blur_jpeg")
+
+
+def cache_size_for(image_size):
+    """Cache a little larger than the model input (256 for 224) so random crops have room."""
+    return int(round(image_size * 256 / 224))
+
+
+def resize_square(im, size):
+    """Resize the short side to `size` and centre-crop a square: PIL image -> (size, size, 3) uint8."""
+    return np.array(ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR))
+
+
+def train_transform(image_size, mean, std, augment="blur_jpeg"):
+    """uint8 (3, S, S) -> normalized float (3, image_size, image_size), augmented as `augment` says."""
+    crop = v2.RandomCrop(image_size) if augment in ("crop_flip", "blur_jpeg") else v2.CenterCrop(image_size)
+    steps = [v2.Resize(cache_size_for(image_size), antialias=True), crop]  # Resize: a no-op on cached pixels
+    if augment != "none":
+        steps.append(v2.RandomHorizontalFlip())
+    if augment == "blur_jpeg":
+        steps += [v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 3.0))], p=0.1),
+                  v2.RandomApply([v2.JPEG(quality=(30, 100))], p=0.1)]
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def eval_transform(image_size, mean, std):
+    """Deterministic: resize the short side (256 for 224), centre crop, normalize; same scale as training."""
+    return v2.Compose([
+        v2.Resize(cache_size_for(image_size), antialias=True),
+        v2.CenterCrop(image_size),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize(mean, std),
+    ])

@@ -1,0 +1,168 @@
+"""Self-Blended Images: pseudo-fakes made from real faces alone.
+
+A face swap pastes one face into another person's frame. Whatever the generator, it
+leaves a blending boundary around the face and a mismatch of colour and sharpness
+across it. Shiohara & Yamasaki (CVPR 2022, "Detecting Deepfakes with Self-Blended
+Images") make exactly these traces from one real face: a slightly altered copy of the
+face (colour, sharpness, a few pixels of shift and scale) is blended back into the
+original through a randomly deformed, blurred face mask. A detector trained on such
+pseudo-fakes learns the traces instead of one generator's look, which is what carries
+over to face swaps it never saw.
+
+    python main.py --data_root D --pseudo_fakes sbi        # real + fake + a self-blend of every real face
+    python main.py --data_root D --pseudo_fakes sbi_only   # training fakes are self-blends alone
+
+The face geometry (YuNet's box and 5 landmarks, as faces.py detects them) is found once
+per cached image and stored beside the decoded-image cache. Validation and test keep the
+real data only. Training writes results/pseudo_fakes.png: real faces, masks and blends.
+"""
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never windows
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+from torchvision.transforms.v2 import functional as F
+
+import faces
+
+BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # the paper's mask strengths: mostly a full blend
+
+
+# ---------------------------------------------------------------- face geometry, once per image
+
+def find_geometry(images, rows):
+    """{row: (7, 2) float32: face box corners, then eyes, nose, mouth corners} for cached images
+    (N, S, S, 3) uint8; NaN where YuNet finds no face (the mask then falls back to the centre)."""
+    detect = faces.load_landmarks()
+    return {row: detect(np.asarray(images[row])) for row in rows}
+
+
+def load_geometry(cache, rows):
+    """find_geometry(), computed once and stored beside the cache's images.npy."""
+    path = Path(cache.filename).with_name("face_geometry.npz")
+    stored = dict(np.load(path)) if path.is_file() else {}
+    missing = [r for r in rows if str(r) not in stored]
+    if missing:
+        print(f"finding face landmarks of {len(missing)} real training images for self-blending (sbi.py)")
+        stored.update({str(r): g for r, g in find_geometry(cache, missing).items()})
+        np.savez(path, **stored)
+    return {r: stored[str(r)] for r in rows}
+
+
+# ---------------------------------------------------------------- the mask
+
+def face_mask(size, geometry, rng):
+    """(size, size) float32 mask in [0, 1]: a deformed, blurred ellipse over eyes, nose and mouth."""
+    if np.isnan(geometry).any():  # no face found: aligned face crops keep the face in the middle
+        eyes, mouth = np.array([0.5, 0.4]) * size, np.array([0.5, 0.68]) * size
+        eye_dist = 0.3 * size
+    else:
+        eyes, mouth = geometry[2:4].mean(0), geometry[5:7].mean(0)
+        eye_dist = max(np.linalg.norm(geometry[2] - geometry[3]), 4.0)
+    axis = mouth - eyes
+    angle = math.atan2(axis[0], axis[1])  # the face's tilt
+    centre = (eyes + mouth) / 2 + rng.normal(0, 0.03, 2) * eye_dist
+    half_height = max(np.linalg.norm(axis), 4.0) * rng.uniform(1.1, 1.6)   # brow to chin
+    half_width = eye_dist * rng.uniform(0.9, 1.3)                          # cheek to cheek
+    t = np.linspace(0, 2 * math.pi, 24, endpoint=False)
+    radius = 1 + rng.uniform(-0.08, 0.08, t.size)  # a ragged outline, as a landmark hull would be
+    x, y = half_width * np.cos(t) * radius, half_height * np.sin(t) * radius
+    points = np.stack([centre[0] + x * math.cos(angle) + y * math.sin(angle),
+                       centre[1] - x * math.sin(angle) + y * math.cos(angle)], 1)
+    mask = Image.new("L", (size, size), 0)
+    ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
+    mask = mask.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.04, 0.2) * eye_dist)))
+    mask = np.asarray(mask, np.float32) / 255
+    return mask / max(mask.max(), 1e-6) * rng.choice(BLEND_RATIOS)
+
+
+# ---------------------------------------------------------------- the altered copy
+
+def alter_look(img, rng):
+    """(3, H, W) uint8 -> the same picture in other colours and sharpness."""
+    out = img
+    if rng.random() < 0.7:  # colour: per-channel shift, hue, saturation, brightness, contrast
+        shift = torch.tensor(rng.uniform(-20, 20, 3), dtype=torch.float32).view(3, 1, 1)
+        out = (out.float() + shift).clamp(0, 255).round().to(torch.uint8)
+        out = F.adjust_hue(out, rng.uniform(-0.03, 0.03))
+        out = F.adjust_saturation(out, rng.uniform(0.8, 1.2))
+        out = F.adjust_brightness(out, rng.uniform(0.9, 1.1))
+        out = F.adjust_contrast(out, rng.uniform(0.9, 1.1))
+    if rng.random() < 0.5:  # sharpness: a blurrier (down- and up-scaled) or a sharper copy
+        h, w = out.shape[1:]
+        if rng.random() < 0.5:
+            factor = rng.uniform(0.25, 0.6)
+            small = F.resize(out, [max(8, round(h * factor)), max(8, round(w * factor))], antialias=True)
+            out = F.resize(small, [h, w], antialias=True)
+        else:
+            out = F.adjust_sharpness(out, rng.uniform(1.5, 3.0))
+    return out
+
+
+def move(img, rng):
+    """(3, H, W) uint8 -> shifted by up to 3% and scaled by up to 5% (the face lands slightly off)."""
+    shift = rng.uniform(-0.03, 0.03, 2) * img.shape[1]
+    return F.affine(img, angle=0.0, translate=[round(shift[0]), round(shift[1])],
+                    scale=float(rng.uniform(0.95, 1.05)), shear=[0.0])
+
+
+def self_blend(img, geometry, rng):
+    """(3, S, S) uint8 real face -> (blended uint8 image, mask): a moved copy pasted through the mask.
+
+    As in the paper, the colour and sharpness change goes to the pasted copy or to the picture
+    it is pasted into (either way the two sides of the boundary differ); the move goes to the
+    pasted copy only, whose borders the mask hides.
+    """
+    mask = torch.from_numpy(face_mask(img.shape[-1], geometry, rng))
+    source, target = img, img
+    if rng.random() < 0.5:
+        source = alter_look(source, rng)
+    else:
+        target = alter_look(target, rng)
+    if rng.random() < 0.7:
+        source = move(source, rng)
+    blended = target.float() * (1 - mask) + source.float() * mask
+    return blended.round().clamp(0, 255).to(torch.uint8), mask
+
+
+class SelfBlend:
+    """What DeepfakeDataset calls for a pseudo-fake sample: cached pixels of row -> a self-blend.
+
+    Randomness comes from torch's generator, which main.py seeds per epoch (and each loader
+    worker from that): a resumed run draws the same blends.
+    """
+
+    def __init__(self, geometry):
+        self.geometry = geometry
+
+    def __call__(self, img, row):
+        rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
+        return self_blend(img, self.geometry[row], rng)[0]
+
+
+# ---------------------------------------------------------------- the picture
+
+def save_examples(dataset, path, n=6, seed=0):
+    """pseudo_fakes.png: real face | mask | self-blended fake, for n real training faces."""
+    real = [s for s in dataset.samples if s.label == 0 and not s.pseudo][:n]
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(len(real), 3, figsize=(7.5, 2.5 * len(real)), squeeze=False)
+    for ax_row, s in zip(axes, real):
+        img = torch.from_numpy(np.array(dataset.cache[s.row])).permute(2, 0, 1)
+        blended, mask = self_blend(img, dataset.blend.geometry[s.row], rng)
+        for ax, picture, title in zip(ax_row, (img.permute(1, 2, 0), mask, blended.permute(1, 2, 0)),
+                                      ("real", "blend mask", "self-blended (label: fake)")):
+            ax.imshow(picture, cmap="gray" if picture.dim() == 2 else None, vmin=0, vmax=1 if picture.dim() == 2
+                      else None)
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    fig.suptitle("Pseudo-fakes: a real face blended with an altered copy of itself (sbi.py)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

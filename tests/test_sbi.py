@@ -1,0 +1,50 @@
+"""Self-blended images: the mask, the blend, and that they are reproducible from torch's seed."""
+import numpy as np
+import torch
+from conftest import sample_face
+
+import sbi
+
+# box corners, eyes, nose tip, mouth corners of sample_face(0), as YuNet reports them
+GEOMETRY = sbi.find_geometry(sample_face()[None], [0])[0]
+
+
+def test_yunet_finds_the_face_geometry():
+    assert not np.isnan(GEOMETRY).any()
+    (x0, y0), (x1, y1) = GEOMETRY[:2]
+    assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+    for x, y in GEOMETRY[2:]:  # landmarks inside the box
+        assert x0 <= x <= x1 and y0 <= y <= y1
+    assert np.isnan(sbi.find_geometry(np.zeros((1, 64, 64, 3), np.uint8), [0])[0]).all()
+
+
+def test_mask_covers_the_inner_face_and_not_the_corners():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        mask = sbi.face_mask(256, GEOMETRY, rng)
+        nose = GEOMETRY[4].round().astype(int)
+        assert mask.shape == (256, 256) and mask.min() >= 0 and mask.max() <= 1
+        assert mask[nose[1], nose[0]] >= 0.2  # the blend ratio is at least 0.25
+        assert mask[:10, :10].max() == 0 and mask[-10:, -10:].max() == 0
+
+
+def test_self_blend_changes_the_face_and_leaves_no_black_borders():
+    img = torch.from_numpy(sample_face()).permute(2, 0, 1)
+    rng = np.random.default_rng(1)
+    changed = 0
+    for _ in range(20):
+        blended, mask = sbi.self_blend(img, GEOMETRY, rng)
+        assert blended.shape == img.shape and blended.dtype == torch.uint8
+        changed += (blended.int() - img.int()).abs().float().mean() > 1
+        for edge in (blended[:, :3], blended[:, -3:], blended[:, :, :3], blended[:, :, -3:]):
+            assert (edge.sum(0) > 0).float().mean() > 0.9  # the shifted copy never shows outside the mask
+    assert changed >= 15
+
+
+def test_self_blends_follow_the_torch_seed():
+    blend = sbi.SelfBlend({0: GEOMETRY})
+    img = torch.from_numpy(sample_face()).permute(2, 0, 1)
+    torch.manual_seed(3)
+    a = blend(img, 0)
+    torch.manual_seed(3)
+    assert torch.equal(a, blend(img, 0))
