@@ -39,7 +39,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import engine
 from cli import positive
-from faces import DETECT_MIN_SIDE
+from detect import DETECT_MIN_SIDE
 from media import IMAGE_EXTS, MAX_PIXELS, MediaError, check_pixels
 from predict import NO_FACE, Predictor
 

@@ -4,6 +4,7 @@
     python benchmark.py predict   # predict.py's model img/s vs fp32 eager, one image and batched
     python benchmark.py features  # a head epoch on cached features vs a full epoch
     python benchmark.py faces     # ms per frame of video decoding, YuNet and dlib
+    python benchmark.py ddp       # main.py training img/s: one process vs torchrun --nproc_per_node=2
 
 Each prints a table and the machine it ran on (CPU model and its avx2 / avx512_bf16 / amx
 flags, or the GPU). Rows are measured in turn, `--rounds` times, and each keeps its best,
@@ -11,8 +12,12 @@ so a burst of load from another process does not decide a ratio. The machines he
 shared: read the ratios (all from one run), not the absolute numbers.
 """
 import argparse
+import csv
 import itertools
 import os
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,8 +33,10 @@ import utils
 from cli import positive
 from media import MediaError, is_video, load_rgb, sample_frames
 from model import DeepfakeDetector
+from presets import AUGMENTATIONS
 
 FACES = "../shared/data/faces140k"
+DEFAULT_WORKERS = 2  # main.py --workers, on this machine
 
 
 def best_of(rounds, rows, measure):
@@ -63,16 +70,18 @@ def images_per_s(step, loader, batches):
     return seen / (time.perf_counter() - start)
 
 
-def train_and_infer(ds, eval_ds, precision, args):
-    """(train img/s, inference img/s) of a fresh ResNet18 on `ds`, run as `precision` says."""
+def train_and_infer(ds, eval_ds, precision, workers, compiled, args):
+    """(train img/s, inference img/s) of a fresh ResNet18 on `ds`, run as `precision` says, with
+    `workers` loader processes, the model under torch.compile or not."""
     torch.manual_seed(0)
     model = precision.prepare(DeepfakeDetector("resnet18", weights="none"))
+    net = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     criterion = nn.CrossEntropyLoss()
 
     def train_step(images, labels):
         with precision.autocast():
-            loss = criterion(model(precision.to_device(images)).float(), labels.to(precision.device))
+            loss = criterion(net(precision.to_device(images)).float(), labels.to(precision.device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -82,9 +91,11 @@ def train_and_infer(ds, eval_ds, precision, args):
         with precision.autocast():
             model(precision.to_device(images))
 
-    loader = lambda d: DataLoader(d, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,  # noqa
+    loader = lambda d: DataLoader(d, batch_size=args.batch_size, shuffle=True, num_workers=workers,  # noqa: E731
                                   drop_last=True)
     model.train()
+    if compiled:  # compile before the clock starts: one forward and backward
+        train_step(*next(iter(loader(ds))))
     train = images_per_s(train_step, loader(ds), args.batches)
     model.eval()
     return train, images_per_s(infer_step, loader(eval_ds), args.batches * 2)
@@ -97,17 +108,24 @@ def bench_train(args):
     mean, std = DeepfakeDetector("resnet18", "none").mean, DeepfakeDetector("resnet18", "none").std
     n = args.batch_size * (args.batches * 2 + 2)  # enough images that no timed batch repeats a decode
     data = dataset.prepare_data(args.data_root, args.image_size, mean, std, val_fraction=0.0, test_fraction=0.0,
-                                max_per_class=n // 2 + 1, cache_dir=args.cache_dir, workers=args.workers)
+                                max_per_class=n // 2 + 1, cache_dir=args.cache_dir, workers=args.workers,
+                                augment=args.augment)
     cached = data.datasets["train"]
     plain = dataset.DeepfakeDataset(cached.samples, cached.transform, cache=None, size=cached.size)
     as_eval = lambda d: dataset.DeepfakeDataset(d.samples, presets.eval_transform(args.image_size, mean, std),  # noqa
                                                 d.cache, d.size)
-    rows = {"plain fp32 (decode every JPEG, fp32, NCHW)": (plain, fp32), "cache fp32": (cached, fp32),
-            f"plain {default}": (plain, default), f"**default** (cache + {default})": (cached, default)}
-    print(f"ResNet18 {args.image_size}px, batch {args.batch_size}, {args.workers} loader workers, "
-          f"{len(cached)} images; {utils.describe_machine(device)}")
+    w = args.workers
+    rows = {f"plain fp32 (decode every JPEG, fp32, NCHW, {w} workers)": (plain, fp32, w, False),
+            f"cache fp32, {w} workers": (cached, fp32, w, False),
+            f"cache {default}, {w} workers": (cached, default, w, False),
+            f"**default**: cache {default}, {DEFAULT_WORKERS} workers": (cached, default, DEFAULT_WORKERS, False),
+            f"cache {default}, {DEFAULT_WORKERS} workers, torch.compile": (cached, default, DEFAULT_WORKERS, True)}
+    if args.skip_compile:
+        rows.popitem()
+    print(f"ResNet18 {args.image_size}px, batch {args.batch_size}, --augment {args.augment}, {len(cached)} images; "
+          f"{utils.describe_machine(device)}")
     results = best_of(args.rounds, list(rows), lambda row: train_and_infer(rows[row][0], as_eval(rows[row][0]),
-                                                                            rows[row][1], args))
+                                                                            *rows[row][1:], args))
     (base_train, base_infer) = results[next(iter(rows))]
     print("\n| path | train img/s | x plain | inference img/s | x plain |\n| --- | --- | --- | --- | --- |")
     for name, (train, infer) in results.items():
@@ -138,7 +156,8 @@ def bench_predict(args):
         with torch.no_grad():
             engine.fake_probability(plain.model(batch.to(device)))
 
-    rows = {"fp32 eager, 1 image at a time": (eager, 1), f"fp32 eager, batch {args.batch_size}": (eager, args.batch_size),
+    rows = {"fp32 eager, 1 image at a time": (eager, 1),
+            f"fp32 eager, batch {args.batch_size}": (eager, args.batch_size),
             f"default: {fast.precision} + inference_mode, batch {args.batch_size}": (fast.fake_probs, args.batch_size)}
     for fn, bs in rows.values():
         fn(x[:bs])  # warm-up: first calls pick kernels and allocate
@@ -198,13 +217,13 @@ def bench_features(args, head_epochs=5):
 
 def bench_faces(args):
     """ms/frame of decoding and of each detector, per clip, on frames sampled as in a faces.py run."""
-    import faces  # here: the other subcommands need no face detector package
-    detectors = {name: faces.load_detector(name) for name in ("yunet", "dlib")}
+    from detect import load_detector  # here: the other subcommands need no face detector package
+    detectors = {name: load_detector(name) for name in ("yunet", "dlib")}
     totals = {name: [0, 0.0] for name in ["decode", *detectors]}  # frames, seconds
     sources = sorted(p for p in Path(args.input).rglob("*") if is_video(p)) if Path(args.input).is_dir() \
         else [Path(args.input)]
     print(f"load average {os.getloadavg()[0]:.1f}; one process; {utils.describe_machine(torch.device('cpu'))}")
-    print("\n| clip | size | frames | step | faces/frame | ms/frame | frames/s |\n| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| clip | size | frames | step | faces/frame | ms/frame | frames/s |\n" + "| --- " * 7 + "|")
 
     def row(clip, size, n, step, found, seconds):
         totals[step][0] += n
@@ -230,6 +249,30 @@ def bench_faces(args):
     return {step: n / seconds for step, (n, seconds) in totals.items() if n}
 
 
+# ---------------------------------------------------------------- ddp: one process vs torchrun
+
+def bench_ddp(args):
+    """Training img/s of main.py in one process vs `torchrun --nproc_per_node=N`, same data and global batch."""
+    main_py = Path(__file__).resolve().with_name("main.py")
+    speeds = {}
+    for n in (1, args.processes):
+        out = Path(tempfile.mkdtemp(prefix=f"bench-ddp{n}-"))
+        launch = [sys.executable, str(main_py)] if n == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(main_py)]
+        flags = ["--data_root", args.data_root, "--weights", "none", "--max_per_class", str(args.max_per_class),
+                 "--epochs", str(args.epochs), "--batch_size", str(args.batch_size // n), "--image_size",
+                 str(args.image_size), "--workers", "0", "--cache_dir", args.cache_dir, "--output_dir", str(out)]
+        print(f"  {n} process(es): main.py {' '.join(flags)}", flush=True)
+        subprocess.run(launch + flags, check=True, capture_output=True)
+        with open(out / "history.csv", newline="") as f:
+            speeds[n] = max(float(r["train_img_s"]) for r in csv.DictReader(f))  # the best epoch: the first warms up
+    print(f"\n{utils.describe_machine(torch.device('cpu'))}; global batch {args.batch_size}, {args.image_size} px")
+    print("\n| processes | train img/s | x one process |\n| --- | --- | --- |")
+    for n, speed in speeds.items():
+        print(f"| {n} | {speed:.1f} | {speed / speeds[1]:.2f} |")
+    return speeds
+
+
 # ---------------------------------------------------------------- command line
 
 def get_args_parser():
@@ -247,6 +290,10 @@ def get_args_parser():
     p.add_argument("--batch_size", type=positive(int), default=32, help="images per batch (default: 32)")
     p.add_argument("--batches", type=positive(int), default=6, help="timed batches per measurement (default: 6)")
     p.add_argument("--image_size", type=positive(int), default=224, help="input size (default: 224)")
+    p.add_argument("--augment", choices=AUGMENTATIONS, default="flip", help="training augmentation, the same "
+                   "in every row (default: flip, main.py's from random init)")
+    p.add_argument("--skip_compile", action="store_true", help="leave out the torch.compile row (it compiles "
+                   "for a minute or more on a small CPU) (default: off)")
     p = sub.add_parser("predict", parents=[common], help="predict.py's model img/s vs fp32 eager")
     p.add_argument("--checkpoint", default="none", help="a checkpoint, or none for a random resnet18 (default: none)")
     p.add_argument("--input", default=FACES, help=f"face crops to score (default: {FACES})")
@@ -261,12 +308,20 @@ def get_args_parser():
     p.add_argument("--input", default="../shared/data/videos", help="a video or a folder of them "
                    "(default: ../shared/data/videos)")
     p.add_argument("--frames", type=positive(int), default=16, help="frames sampled per video (default: 16)")
+    p = sub.add_parser("ddp", parents=[common], help="main.py training img/s: one process vs torchrun")
+    p.add_argument("--data_root", default=FACES, help=f"images (default: {FACES})")
+    p.add_argument("--processes", type=positive(int), default=2, help="torchrun processes (default: 2)")
+    p.add_argument("--max_per_class", type=positive(int), default=150, help="images per class (default: 150)")
+    p.add_argument("--epochs", type=positive(int), default=2, help="epochs; the fastest counts (default: 2)")
+    p.add_argument("--batch_size", type=positive(int), default=32, help="global batch, split over the "
+                   "processes (default: 32)")
+    p.add_argument("--image_size", type=positive(int), default=128, help="input size (default: 128)")
     return parser
 
 
 def main(args):
     return {"train": bench_train, "predict": bench_predict, "features": bench_features,
-            "faces": bench_faces}[args.what](args)
+            "faces": bench_faces, "ddp": bench_ddp}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ RESUME_MAY_CHANGE = {"epochs", "workers", "device", "precision", "cache_dir", "o
 NEVER_FROM_CHECKPOINT = {"resume", "evaluate_only", "checkpoint", "eval_split", "overwrite"}
 # Defaults that differ when training from random init (--weights none): see README, "Training from scratch".
 SCRATCH = {"augment": "flip"}
+PRETRAINED = {"augment": "blur_jpeg"}
 SAMPLE = Path(__file__).resolve().parent / "samples" / "faces"
 # what --evaluate_only takes from the checkpoint: the network and its test split
 MODEL_AND_SPLIT = ("model", "image_size", "data_root", "val_fraction", "test_fraction", "seed", "max_per_class")
@@ -27,17 +28,15 @@ MODEL_AND_SPLIT = ("model", "image_size", "data_root", "val_fraction", "test_fra
 def resolve_defaults(args):
     """Fill in the defaults that depend on other flags ('auto'), and say so; a given value is kept."""
     scratch = args.weights == "none"
-    resolved = {"augment": SCRATCH["augment"] if scratch else "blur_jpeg"}
-    for key, value in resolved.items():
-        if getattr(args, key) == "auto":
+    for key, value in (SCRATCH if scratch else PRETRAINED).items():
+        if getattr(args, key) in ("auto", None):
             setattr(args, key, value)
-            print(f"--{key} auto -> {value} ({'random init' if scratch else 'pretrained weights'})")
+            print(f"--{key} {value} ({'random init' if scratch else 'pretrained weights'} default)")
 
 
 def recorded(args):
     """The flags to save (args.json, checkpoints): everything but the parse bookkeeping."""
     return {k: v for k, v in vars(args).items() if k != "given"}
-
 
 
 def take_flags_from_checkpoint(args, saved):
@@ -108,9 +107,8 @@ def use_sample_if_no_data(args):
     if any(p.suffix.lower() in IMAGE_EXTS for p in Path(args.data_root).rglob("*")):
         return  # the user's data, never mixed with the sample
     args.data_root = str(SAMPLE)
-    args.notes.append(f"{Path('Dataset')}/ is empty: trained on the bundled sample ({SAMPLE.relative_to(SAMPLE.parents[1])}"
-                      f", 100 real + 100 fake, for trying the pipeline, not for judging a model); put your data "
-                      f"in Dataset/, see Dataset/README.md")
+    args.notes.append("Dataset/ is empty: trained on the bundled sample (samples/faces, 100 real + 100 fake, for "
+                      "trying the pipeline, not for judging a model); put your data in Dataset/, see Dataset/README.md")
     print(f"note: {args.notes[-1]}")
 
 
@@ -137,4 +135,4 @@ def single_process_only(args, dist):
                  "--balance oversample")
     if dist.on and args.unfreeze_at:
         sys.exit("error: --unfreeze_at changes which parameters train mid-run, which DistributedDataParallel "
-                 "cannot follow; run it in one process, or train with --freeze_backbone and then --resume")
+                 "cannot follow; run it in one process (python main.py)")

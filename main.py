@@ -30,7 +30,7 @@ import sbi
 import utils
 from cli import at_least, fraction, given_flags, positive, silence
 from config import SCRATCH
-from model import MODELS, WeightsError, input_size
+from model import MODELS, FlipAverage, WeightsError, input_size
 from presets import AUGMENTATIONS
 
 
@@ -79,6 +79,9 @@ def get_args_parser():
     g.add_argument("--batch_size", type=positive(int), default=16, help="images per batch (default: 16)")
     g.add_argument("--lr", type=positive(float), default=1e-4, help="AdamW learning rate (default: 1e-4)")
     g.add_argument("--weight_decay", type=at_least(float, 0), default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    g.add_argument("--tta", choices=["none", "flip"], default="none",
+                   help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
+                   "validation, test and predict.py (default: none)")
     g.add_argument("--seed", type=int, default=0, help="seeds the split, init and batches (default: 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -176,8 +179,7 @@ def trainable_part(model, loaders, frozen, args, precision, feature_cache):
 def checkpoint_state(model, optimizer, epoch, best_val_auc, history, threshold, args):
     """One dict holds everything a resume or a prediction needs."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
-            "best_val_auc": best_val_auc, "history": history, "threshold": threshold,
-            "args": config.recorded(args),
+            "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
             "classes": list(dataset.CLASSES)}
 
 
@@ -227,7 +229,8 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
                 loaders["train"].sampler.set_epoch(epoch)
             train = engine.train_one_epoch(train_net, criterion, optimizer, epoch_loaders["train"], precision, epoch,
                                            scaler, desc=f"epoch {epoch + 1}/{args.epochs} train")
-            val = engine.evaluate(train_net, criterion, epoch_loaders["val"], precision, desc="val")
+            val_net = FlipAverage(train_net) if args.tta == "flip" else train_net
+            val = engine.evaluate(val_net, criterion, epoch_loaders["val"], precision, desc="val")
             val_auc = report.roc_auc(val["labels"], val["probs"])
             threshold = report.eer_threshold(val["labels"], val["probs"])[0]
             history.append({"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
@@ -280,8 +283,9 @@ def main(args):
     out = config.prepare_output(args, None if args.evaluate_only else resume_path, write=dist.main)
     try:
         dataset.find_samples(args.data_root)  # a data problem stops the run before any download
-        if args.evaluate_only:
-            detector = engine.load_detector(resume_path, device, args.precision)
+        if args.evaluate_only:  # a --tta given now applies; else the checkpoint's
+            detector = engine.load_detector(resume_path, device, args.precision,
+                                            tta=args.tta if "tta" in args.given else None)
             model = detector.model
         else:
             args.image_size = args.image_size or input_size(args.model)

@@ -61,6 +61,19 @@ def find_media(inputs, skip=None):
     return list(dict.fromkeys(files)), problems  # the same file given twice is one input
 
 
+def unique_stem(path, clashes, taken):
+    """File-name-safe stem; parent folder added when two inputs share a stem, then a number."""
+    path = Path(path)
+    name = path.stem if path.stem not in clashes else f"{path.parent.name}_{path.stem}"
+    stem = re.sub(r"[^\w.-]+", "-", name)
+    candidate, n = stem, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{stem}-{n}"
+    taken.add(candidate)
+    return candidate
+
+
 def crop_name(stem, frame, face):
     return f"{stem}_f{frame:04d}_{face}.jpg"
 

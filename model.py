@@ -96,6 +96,21 @@ def _build(name, weights, image_size):
     return net
 
 
+class FlipAverage(nn.Module):
+    """Test-time augmentation: the logits of each image and of its mirror image, averaged.
+
+    Faces are left-right symmetric enough that a detector should say the same of both; the
+    average of the two is a slightly better score than either (--tta flip).
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return (self.model(x) + self.model(x.flip(3))) / 2  # (B, 3, H, W): flip the width
+
+
 class DeepfakeDetector(nn.Module):
     """Backbone + two-class head.
 

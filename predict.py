@@ -5,7 +5,7 @@
     python predict.py --checkpoint results/checkpoints/best.pt --input crops/ --no_crop --gradcam cams/
     python predict.py --checkpoint results/checkpoints/best.pt --input video.mp4 --output results_path
 
-Faces are cut exactly as the training data was made (faces.crop_faces with its default
+Faces are cut exactly as the training data was made (detect.crop_faces with its default
 margin and size, largest face per frame), then resized and normalized exactly like the
 training cache + eval transform (engine.Detector.preprocess). --no_crop skips detection for
 inputs that already are face crops, so its scores match `main.py --evaluate_only` on them.
@@ -40,8 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+import detect
 import engine
-import faces
 import gradcam
 from cli import positive
 from dataset import CLASSES
@@ -55,6 +55,7 @@ from media import (
     is_video,
     load_rgb,
     sample_frames,
+    unique_stem,
 )
 
 NO_FACE = "uncertain (no face)"
@@ -88,7 +89,7 @@ class Predictor:
         self.detector = engine.load_detector(checkpoint, device, precision)  # CheckpointError names the file
         self.model, self.threshold = self.detector.model, self.detector.threshold
         self.frames, self.no_crop, self.batch_size, self.max_pixels = frames, no_crop, batch_size, max_pixels
-        self.detect = None if no_crop else faces.load_detector(detector)
+        self.detect = None if no_crop else detect.load_detector(detector)
         # one forward or Grad-CAM at a time: Grad-CAM's hooks live on the shared model
         self._model_lock, self._detect_lock = threading.Lock(), threading.Lock()
         self._cam, self.gradcam_error = None, None
@@ -125,7 +126,7 @@ class Predictor:
         if self.no_crop:  # preprocess() centre-crops it to a square exactly as the training cache did
             return [(Image.fromarray(rgb), None)]
         with self._detect_lock:
-            return [(crop, [int(v) for v in box[:4]]) for crop, box in faces.crop_faces(rgb, self.detect)]
+            return [(crop, [int(v) for v in box[:4]]) for crop, box in detect.crop_faces(rgb, self.detect)]
 
     def score(self, crops):
         """P(fake) per face crop, batch_size faces per forward pass."""
@@ -284,7 +285,7 @@ def main(args):
         if r.get("warning"):
             print(f"warning: {r['warning']}", file=sys.stderr)
         if gradcam_dir:
-            stem = faces.unique_stem(path, clashes, stems)
+            stem = unique_stem(path, clashes, stems)
             for row, picture in zip(r["rows"], r.get("gradcam", [])):
                 picture.save(gradcam_dir / f"{stem}_f{row['frame']:04d}_{row['face']}_gradcam.png")
     if gradcam_dir and predictor.gradcam_error:

@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from torchvision.transforms.v2 import functional as F
 
-import faces
+from detect import load_landmarks
 
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # the paper's mask strengths: mostly a full blend
 
@@ -38,7 +38,7 @@ BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # the paper's mask strengths: m
 def find_geometry(images, rows):
     """{row: (7, 2) float32: face box corners, then eyes, nose, mouth corners} for cached images
     (N, S, S, 3) uint8; NaN where YuNet finds no face (the mask then falls back to the centre)."""
-    detect = faces.load_landmarks()
+    detect = load_landmarks()
     return {row: detect(np.asarray(images[row])) for row in rows}
 
 

@@ -44,3 +44,21 @@ def test_last_message_finds_the_error_among_progress_bars():
           "RuntimeError: out of memory\n"
     assert compare.last_message(log) == "RuntimeError: out of memory"
     assert compare.last_message("") == "no output"
+
+
+def test_recipes_run_once_per_seed_and_tabulate_mean_and_std(sample_root, tmp_path):
+    recipes = tmp_path / "recipes.txt"
+    recipes.write_text("# name: main.py flags\nsmall: --image_size 32\nflip:  --image_size 32 --augment flip  # comment\n")
+    flags = ["--data_root", str(sample_root), "--weights", "none", "--epochs", "1", "--max_per_class", "12",
+             "--batch_size", "8", "--workers", "0", "--cache_dir", str(tmp_path / "cache"),
+             "--output_dir", str(tmp_path / "out")]
+    rows = compare.compare_recipes(recipes, [0, 1], flags)
+    assert list(rows) == ["small", "flip"] and rows["flip"]["flags"] == "--image_size 32 --augment flip"
+    for name in rows:
+        assert len(rows[name]["runs"]) == 2 and all("error" not in r for r in rows[name]["runs"])
+        splits = [(tmp_path / "out" / "recipes" / name / f"seed{s}" / "split.csv").read_text() for s in (0, 1)]
+        assert splits[0] != splits[1]  # each seed its own split
+    aucs = [r["test_auc"] for r in rows["small"]["runs"]]
+    table = (tmp_path / "out" / "recipes.md").read_text()
+    mean, std = sum(aucs) / 2, abs(aucs[0] - aucs[1]) / 2 ** 0.5  # the sample standard deviation of two values
+    assert f"| small | `--image_size 32` | " in table and f"{mean:.4f} ± {std:.4f}" in table

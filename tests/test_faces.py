@@ -1,24 +1,21 @@
-"""Tests for faces.py: frame sampling, cropping, manifest, bad inputs and re-runs.
+"""faces.py and detect.py: frame sampling, detection, cropping, manifest, bad inputs and re-runs.
 
-Uses the shared clips and face photos in ../shared/data (skipped when absent) and
-small videos written here with PyAV.  Run: python -m pytest -q tests/test_faces.py
+Uses small videos written here from the bundled faces, and the shared labelled clips in
+../shared/data where present.  Run: python -m pytest -q tests/test_faces.py
 """
 import csv
-import sys
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
+from conftest import ROOT, face_scene, sample_face, write_video
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from conftest import face_scene, sample_face, write_video  # noqa: E402
+import detect
+import faces
+from media import crop_source, is_image, is_video
 
-import faces  # noqa: E402
-from media import crop_source, is_image, is_video  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 VIDEOS = DATA / "videos"
 LABELLED = ["real_facenet_example.mp4", "real_hamilton_clip.mp4", "uadfv_0017_fake.mp4", "dfdc_widuwuoiur_fake.mp4"]
@@ -28,10 +25,6 @@ def need(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"shared data not found: {path} (expected next to the project folder)")
     return path
-
-
-def face_photo(i: int = 0) -> np.ndarray:
-    return sample_face(i)
 
 
 def run(inputs, output, *extra):
@@ -51,7 +44,7 @@ def media(tmp_path_factory):
     write_video(d / "face.mp4", face_scene(12))
     write_video(d / "blank.mp4", [np.full((120, 160, 3), 128, np.uint8)] * 8)
     Image.new("RGB", (200, 150), "white").save(d / "blank_photo.png")
-    Image.fromarray(face_photo(1)).save(d / "photo.jpg")
+    Image.fromarray(sample_face(1)).save(d / "photo.jpg")
     (d / "random.mp4").write_bytes(np.random.default_rng(0).bytes(20000))
     (d / "truncated.mp4").write_bytes((d / "face.mp4").read_bytes()[:3000])
     (d / "notes.txt").write_text("not media")
@@ -86,39 +79,39 @@ def test_sample_frames_corrupt_raises(media):
 
 
 def test_crop_faces_box_inside_face_and_largest_first():
-    face = face_photo()
+    face = sample_face()
     rgb = np.full((600, 900, 3), 60, np.uint8)
     rgb[50:306, 500:756] = face  # large face
     small = np.asarray(Image.fromarray(face).resize((128, 128)))
     rgb[400:528, 100:228] = small  # small face
-    det = faces.load_detector("yunet")
-    crops = faces.crop_faces(rgb, det, margin=1.3, size=64, all_faces=True)
+    det = detect.load_detector("yunet")
+    crops = detect.crop_faces(rgb, det, margin=1.3, size=64, all_faces=True)
     assert len(crops) == 2
     (img0, b0), (_, b1) = crops
     assert img0.size == (64, 64)
     assert 500 <= b0[0] < b0[2] <= 756 and 50 <= b0[1] < b0[3] <= 306  # box on the big face
     assert 100 <= b1[0] < b1[2] <= 228 and 400 <= b1[1] < b1[3] <= 528
-    assert len(faces.crop_faces(rgb, det)) == 1  # default: the largest face only
+    assert len(detect.crop_faces(rgb, det)) == 1  # default: the largest face only
     # a face at the image border: the square is shifted inside, so no black padding appears
     edge = np.ascontiguousarray(rgb[0:400, 560:900])  # face cut at the left: ideal square starts at x<-60
-    [(img, box)] = faces.crop_faces(edge, det, size=100)
+    [(img, box)] = detect.crop_faces(edge, det, size=100)
     assert img.size == (100, 100) and 0 <= box[0] and box[2] <= edge.shape[1]
     crop = np.asarray(img).astype(float)
     assert crop.mean(axis=(1, 2)).min() > 20 and crop.mean(axis=(0, 2)).min() > 20
 
 
 def test_crop_square_stays_inside_the_image():
-    assert faces.crop_square((40, 40, 60, 60, 1.0), 100, 100, margin=2) == (30, 30, 70, 70)  # centred
-    assert faces.crop_square((0, 10, 20, 30, 1.0), 100, 100, margin=2) == (0, 0, 40, 40)  # shifted in
-    assert faces.crop_square((0, 0, 80, 60, 1.0), 100, 60, margin=1.3) == (10, 0, 70, 60)  # shrunk to fit
+    assert detect.crop_square((40, 40, 60, 60, 1.0), 100, 100, margin=2) == (30, 30, 70, 70)  # centred
+    assert detect.crop_square((0, 10, 20, 30, 1.0), 100, 100, margin=2) == (0, 0, 40, 40)  # shifted in
+    assert detect.crop_square((0, 0, 80, 60, 1.0), 100, 60, margin=1.3) == (10, 0, 70, 60)  # shrunk to fit
 
 
 def test_detector_boxes_map_to_full_resolution():
     # 2000 px wide: detection runs on an 800 px copy, boxes must come back in full-size pixels
     rgb = np.full((1000, 2000, 3), 60, np.uint8)
-    rgb[400:912, 1200:1712] = np.asarray(Image.fromarray(face_photo()).resize((512, 512)))
+    rgb[400:912, 1200:1712] = np.asarray(Image.fromarray(sample_face()).resize((512, 512)))
     for name in ("yunet", "dlib"):
-        [(x0, y0, x1, y1, score)] = faces.load_detector(name)(rgb)[:1]
+        [(x0, y0, x1, y1, score)] = detect.load_detector(name)(rgb)[:1]
         assert 1200 <= x0 < x1 <= 1712 and 400 <= y0 < y1 <= 912, name
         assert (x1 - x0) > 200, name
 
@@ -239,8 +232,8 @@ def test_output_equal_to_input_is_refused_in_one_line(media, tmp_path):
 
 def test_a_sliver_of_a_picture_has_no_face_and_no_error():
     for name in ("yunet", "dlib"):
-        assert faces.load_detector(name)(np.full((1, 5000, 3), 90, np.uint8)) == []
-        assert faces.load_detector(name)(np.full((5000, 12, 3), 90, np.uint8)) == []
+        assert detect.load_detector(name)(np.full((1, 5000, 3), 90, np.uint8)) == []
+        assert detect.load_detector(name)(np.full((5000, 12, 3), 90, np.uint8)) == []
 
 
 def test_output_folder_inside_input_folder_is_not_read_back(media, tmp_path):
@@ -270,8 +263,8 @@ def test_missing_yuface_package_names_the_way_out(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "yuface", None)  # as on Python 3.12+, where yuface has no wheel
     with pytest.raises(ImportError, match="--detector dlib"):
-        faces.load_detector("yunet")
-    assert callable(faces.load_detector("dlib"))
+        detect.load_detector("yunet")
+    assert callable(detect.load_detector("dlib"))
 
 
 def test_training_on_a_faces_py_folder_keeps_each_video_in_one_split(tmp_path):
