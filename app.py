@@ -38,6 +38,7 @@ from PIL import Image, UnidentifiedImageError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import engine
+import runtime
 from cli import positive
 from detect import DETECT_MIN_SIDE
 from media import IMAGE_EXTS, MAX_PIXELS, MediaError, check_pixels
@@ -225,6 +226,8 @@ def get_args_parser():
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N (default: auto)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision, as in main.py (default: auto)")
+    g.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help=runtime.HELP.replace(
+        "when there are enough images to pay back the export (a few seconds)", "(exported at start-up)"))
     g.add_argument("--detector", default="yunet", choices=["yunet", "dlib"], help="face detector (default: yunet)")
     g.add_argument("--frames", type=positive(int), default=16, help="frames sampled per video; fewer than predict.py's "
                    "32 so a CPU answers in seconds (default: 16)")
@@ -253,6 +256,8 @@ def main(args):
     except ImportError as e:  # the detector's package is missing (yuface has no wheel for every Python)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    runtime.choose_scorer(predictor.detector, args.runtime)  # at start-up, not on the first request
+    print(f"scoring with {runtime.describe(predictor.detector)}")
     app = create_app(predictor, args.checkpoint, args.max_image_mb, args.max_video_mb, args.max_images,
                      args.max_concurrent)
     print(f"serving {args.checkpoint} on http://{args.host}:{args.port} (Ctrl-C to stop)")

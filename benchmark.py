@@ -19,8 +19,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -29,14 +31,14 @@ import dataset
 import engine
 import features
 import presets
+import runtime
 import utils
-from cli import positive
+from cli import DEFAULT_WORKERS, positive
 from media import MediaError, is_video, load_rgb, sample_frames
 from model import DeepfakeDetector
 from presets import AUGMENTATIONS
 
 FACES = "../shared/data/faces140k"
-DEFAULT_WORKERS = 2  # main.py --workers, on this machine
 
 
 def best_of(rounds, rows, measure):
@@ -70,9 +72,10 @@ def images_per_s(step, loader, batches):
     return seen / (time.perf_counter() - start)
 
 
-def train_and_infer(ds, eval_ds, precision, workers, compiled, args):
+def train_and_infer(ds, eval_ds, precision, workers, compiled, scoring, args):
     """(train img/s, inference img/s) of a fresh ResNet18 on `ds`, run as `precision` says, with
-    `workers` loader processes, the model under torch.compile or not."""
+    `workers` loader processes, the training step under torch.compile or not, inference through
+    `scoring` ("torch", or "auto": what main.py's evaluation uses, see runtime.py)."""
     torch.manual_seed(0)
     model = precision.prepare(DeepfakeDetector("resnet18", weights="none"))
     net = torch.compile(model) if compiled else model
@@ -89,7 +92,7 @@ def train_and_infer(ds, eval_ds, precision, workers, compiled, args):
     @torch.inference_mode()
     def infer_step(images, labels):
         with precision.autocast():
-            model(precision.to_device(images))
+            scorer(precision.to_device(images))
 
     loader = lambda d: DataLoader(d, batch_size=args.batch_size, shuffle=True, num_workers=workers,  # noqa: E731
                                   drop_last=True)
@@ -98,6 +101,7 @@ def train_and_infer(ds, eval_ds, precision, workers, compiled, args):
         train_step(*next(iter(loader(ds))))
     train = images_per_s(train_step, loader(ds), args.batches)
     model.eval()
+    scorer = runtime.OnnxScorer(model, args.image_size) if runtime.pays_off(scoring, precision) else model
     return train, images_per_s(infer_step, loader(eval_ds), args.batches * 2)
 
 
@@ -115,11 +119,14 @@ def bench_train(args):
     as_eval = lambda d: dataset.DeepfakeDataset(d.samples, presets.eval_transform(args.image_size, mean, std),  # noqa
                                                 d.cache, d.size)
     w = args.workers
-    rows = {f"plain fp32 (decode every JPEG, fp32, NCHW, {w} workers)": (plain, fp32, w, False),
-            f"cache fp32, {w} workers": (cached, fp32, w, False),
-            f"cache {default}, {w} workers": (cached, default, w, False),
-            f"**default**: cache {default}, {DEFAULT_WORKERS} workers": (cached, default, DEFAULT_WORKERS, False),
-            f"cache {default}, {DEFAULT_WORKERS} workers, torch.compile": (cached, default, DEFAULT_WORKERS, True)}
+    warnings.filterwarnings("ignore", message="This DataLoader will create")  # the extra-workers row, on purpose
+    scored = "ONNX Runtime" if runtime.pays_off("auto", default) else "PyTorch"
+    rows = {f"plain: decode every JPEG, fp32 NCHW, PyTorch, {w} workers": (plain, fp32, w, False, "torch"),
+            f"cache, {default}, PyTorch, {w} workers": (cached, default, w, False, "torch"),
+            f"**default**: cache, {default}, {w} workers, scored by {scored}": (cached, default, w, False, "auto"),
+            "default, 0 workers (loading in the main process)": (cached, default, 0, False, "auto"),
+            f"default, {w + 2} workers": (cached, default, w + 2, False, "auto"),
+            "default + torch.compile of the training step": (cached, default, w, True, "auto")}
     if args.skip_compile:
         rows.popitem()
     print(f"ResNet18 {args.image_size}px, batch {args.batch_size}, --augment {args.augment}, {len(cached)} images; "
@@ -130,7 +137,18 @@ def bench_train(args):
     print("\n| path | train img/s | x plain | inference img/s | x plain |\n| --- | --- | --- | --- | --- |")
     for name, (train, infer) in results.items():
         print(f"| {name} | {train:.1f} | {train / base_train:.2f} | {infer:.1f} | {infer / base_infer:.2f} |")
+    augmentation_cost(cached, args.image_size, mean, std)
     return results
+
+
+def augmentation_cost(cached, image_size, mean, std, n=64):
+    """ms per image of each --augment preset on cached pixels, in this process (a loader worker's share)."""
+    pixels = [torch.from_numpy(np.array(cached.cache[s.row])).permute(2, 0, 1) for s in cached.samples[:n]]
+    print("\n| --augment | ms per image |\n| --- | --- |")
+    for name in AUGMENTATIONS:
+        transform = presets.train_transform(image_size, mean, std, name)
+        seconds = min(timed(lambda: [transform(p) for p in pixels]) for _ in range(3))
+        print(f"| {name} | {1000 * seconds / len(pixels):.2f} |")
 
 
 # ---------------------------------------------------------------- predict: model img/s of predict.py's path
@@ -283,8 +301,8 @@ def get_args_parser():
     common.add_argument("--rounds", type=positive(int), default=2, help="measure every row this many times, "
                         "interleaved, and keep each row's best (default: 2)")
     common.add_argument("--cache_dir", default="cache", help="decoded-image cache (default: cache)")
-    common.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                        help="data-loading processes (default: min(2, CPU count))")
+    common.add_argument("--workers", type=int, default=DEFAULT_WORKERS,
+                        help=f"data-loading processes, as main.py's (default: {DEFAULT_WORKERS})")
     p = sub.add_parser("train", parents=[common], help="training and inference img/s vs plain fp32")
     p.add_argument("--data_root", default=FACES, help=f"images to time on (default: {FACES})")
     p.add_argument("--batch_size", type=positive(int), default=32, help="images per batch (default: 32)")

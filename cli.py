@@ -12,6 +12,9 @@ import sys
 
 from tqdm import tqdm
 
+# data-loading processes: two keep a 2-core CPU's model fed (benchmark.py train) without
+# crowding out its compute threads on bigger machines
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 _silent = False  # set in the processes that must not print (torchrun's ranks > 0)
 
 

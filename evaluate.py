@@ -11,6 +11,7 @@ import dataset
 import engine
 import gradcam
 import report
+import runtime
 import utils
 
 
@@ -20,6 +21,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     test = data.datasets["test"]
     ds = test if split == "test" else dataset.DeepfakeDataset(data.samples, test.transform, test.cache, test.size)
     loader = engine.make_loader(ds, args.batch_size, args.workers, dist)
+    runtime.choose_scorer(detector, args.runtime, len(ds))
     te = engine.evaluate(detector.scorer, nn.CrossEntropyLoss(), loader, detector.precision, desc=split)
     in_domain = {"name": f"{split} split (in-domain)", "path": args.data_root,
                  **report.compute_metrics(te["labels"], te["probs"], detector.threshold),
@@ -47,6 +49,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
                 "machine": utils.describe_machine(detector.precision.device)
                 + (f", {dist.world} processes" if dist.on else ""),
                 "device / precision": str(detector.precision),
+                "scored with": runtime.describe(detector),
                 "inference speed on this split": f"{te['img_s']:.1f} img/s"} if history else None
     report.write_summary(out, {"title": f"{detector.args['model']} on {args.data_root}", "notes": notes,
                                "command": "python " + " ".join(sys.argv) if sys.argv else "",

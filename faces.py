@@ -37,7 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from cli import positive
+from cli import DEFAULT_WORKERS, positive
 from detect import DEFAULT_MIN_SCORE, crop_faces, crop_square, load_detector
 from media import MediaError, crop_name, crop_source, find_media, is_video, load_rgb, sample_frames, unique_stem
 
@@ -274,7 +274,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="redo sources already done in --output instead of skipping them (default: off)")
     p.add_argument("--preview", action="store_true",
                    help="write preview.png, sampled frames with crop squares next to the crops (default: off)")
-    p.add_argument("--workers", type=positive(int), default=min(2, os.cpu_count() or 1),
+    p.add_argument("--workers", type=positive(int), default=DEFAULT_WORKERS,
                    help="processes working on different sources at once; 1 runs inline "
                         "(default: min(2, CPU cores))")
     return p

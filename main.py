@@ -11,7 +11,6 @@ first, then the report, plots, metrics.json, history.csv, args.json, split.csv.
 """
 import argparse
 import math
-import os
 import signal
 import sys
 import time
@@ -26,11 +25,12 @@ import engine
 import evaluate
 import features
 import report
+import runtime
 import sbi
 import utils
-from cli import at_least, fraction, given_flags, positive, silence
+from cli import DEFAULT_WORKERS, at_least, fraction, given_flags, positive, silence
 from config import SCRATCH
-from model import MODELS, FlipAverage, WeightsError, input_size
+from model import MODELS, FlipAverage, WeightsError
 from presets import AUGMENTATIONS
 
 
@@ -59,9 +59,10 @@ def get_args_parser():
                    "real_data/ and fake_data/ inside, or a folder of one kind (default: none)")
     g.add_argument("--image_size", type=at_least(int, 32), default=None,
                    help="input size in pixels, at least 32 (the backbones downsample 32x) (default: the model's "
-                   "ImageNet size: 224, 384 for efficientnet_v2_s)")
+                   "ImageNet size with pretrained weights: 224, 384 for efficientnet_v2_s; "
+                   f"{SCRATCH['image_size']} from random init)")
     g.add_argument("--cache_dir", default="cache", help="decoded-image cache; delete it any time (default: cache)")
-    g.add_argument("--workers", type=at_least(int, 0), default=min(2, os.cpu_count() or 1),
+    g.add_argument("--workers", type=at_least(int, 0), default=DEFAULT_WORKERS,
                    help="data-loading processes; 0 loads in the main process (default: min(2, CPU count))")
     g = parser.add_argument_group("model")
     g.add_argument("--model", default="resnet18", choices=sorted(MODELS), help="backbone (default: resnet18)")
@@ -82,6 +83,8 @@ def get_args_parser():
     g.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
                    "validation, test and predict.py (default: none)")
+    g.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help="test and --test_sets scoring: "
+                   + runtime.HELP)
     g.add_argument("--seed", type=int, default=0, help="seeds the split, init and batches (default: 0)")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
@@ -288,7 +291,6 @@ def main(args):
                                             tta=args.tta if "tta" in args.given else None)
             model = detector.model
         else:
-            args.image_size = args.image_size or input_size(args.model)
             model = config.build_model(args, pretrained=ckpt is None)
         config.resolve_defaults(args)
         data = load_data(args, model, dist)

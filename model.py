@@ -143,7 +143,7 @@ class DeepfakeDetector(nn.Module):
         # preprocessing the weights were trained with: used by the data transforms
         preset = MODELS[name][1].transforms()
         self.name, self.mean, self.std = name, tuple(preset.mean), tuple(preset.std)
-        self.input_size = image_size if name in FIXED_SIZE and image_size else preset.crop_size[0]
+        self.input_size = image_size or preset.crop_size[0]
         self.backbone_frozen = False
         self.freeze_backbone(freeze_backbone)
 

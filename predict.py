@@ -43,6 +43,7 @@ from PIL import Image
 import detect
 import engine
 import gradcam
+import runtime
 from cli import positive
 from dataset import CLASSES
 from media import (
@@ -267,6 +268,7 @@ def main(args):
         print(f"note: {args.checkpoint} stores no threshold (interrupted training?); using "
               f"{engine.DEFAULT_THRESHOLD}", file=sys.stderr)
     files, errors = find_media(args.input)
+    runtime.choose_scorer(predictor.detector, args.runtime, sum(args.frames if is_video(f) else 1 for f in files))
     for _, message in errors:
         print(f"error: {message}", file=sys.stderr)
     if gradcam_dir:
@@ -293,7 +295,7 @@ def main(args):
     seconds, n_faces = time.perf_counter() - start, sum(r["faces"] for r in results)
     print(f"{len(results)} of {len(files)} input(s) scored, {n_faces} face(s) in {seconds:.1f} s "
           f"({n_faces / max(seconds, 1e-9):.1f} faces/s incl. decoding and detection, "
-          f"{predictor.detector.precision}); threshold {predictor.threshold:.3f} "
+          f"{runtime.describe(predictor.detector)}); threshold {predictor.threshold:.3f} "
           f"from {predictor.detector.threshold_source}")
     write_outputs(results, errors, outputs, predictor, args.checkpoint)
     return {"results": results, "errors": errors}
@@ -322,6 +324,7 @@ def get_args_parser():
     p.add_argument("--max_pixels", type=positive(int), default=MAX_PIXELS, help="refuse pictures and video "
                    f"frames larger than this, before decoding them (default: {MAX_PIXELS:,}, about 120 MB as RGB)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
+    p.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help=runtime.HELP)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto: bf16 autocast + channels_last where the hardware has bf16, else fp32 "
                    "(default: auto)")

@@ -198,7 +198,8 @@ def test_uploads_never_left_behind_nor_named_by_client(client, face_jpg, tmp_pat
 
 
 def test_concurrent_requests_get_their_own_answers(client, sample_root, blank_png):
-    paths = sorted((sample_root / "real_data").glob("*.jpg"))[:2] + sorted((sample_root / "fake_data").glob("*.jpg"))[:1]
+    paths = (sorted((sample_root / "real_data").glob("*.jpg"))[:2]
+             + sorted((sample_root / "fake_data").glob("*.jpg"))[:1])
     uploads = [(p.read_bytes(), p.name) for p in paths] + [(blank_png, "blank.png")]
     expected = [post(client, d, n).get_json() for d, n in uploads]
     results = [None] * len(uploads)
@@ -317,7 +318,8 @@ def save_screenshot(driver, path):
     """Whole page (also below the fold) as PNG, through Chrome's DevTools protocol."""
     size = driver.execute_cdp_cmd("Page.getLayoutMetrics", {})["cssContentSize"]
     clip = {"x": 0, "y": 0, "width": size["width"], "height": size["height"], "scale": 1}
-    png = driver.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip})
+    png = driver.execute_cdp_cmd("Page.captureScreenshot",
+                                 {"format": "png", "captureBeyondViewport": True, "clip": clip})
     path.write_bytes(base64.b64decode(png["data"]))
     if os.environ.get("APP_SCREENSHOT_DIR"):  # for people to look at: APP_SCREENSHOT_DIR=/tmp/app_screens
         keep = Path(os.environ["APP_SCREENSHOT_DIR"])

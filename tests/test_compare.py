@@ -48,7 +48,8 @@ def test_last_message_finds_the_error_among_progress_bars():
 
 def test_recipes_run_once_per_seed_and_tabulate_mean_and_std(sample_root, tmp_path):
     recipes = tmp_path / "recipes.txt"
-    recipes.write_text("# name: main.py flags\nsmall: --image_size 32\nflip:  --image_size 32 --augment flip  # comment\n")
+    recipes.write_text("# name: main.py flags\nsmall: --image_size 32\n"
+                       "flip:  --image_size 32 --augment flip  # comment\n")
     flags = ["--data_root", str(sample_root), "--weights", "none", "--epochs", "1", "--max_per_class", "12",
              "--batch_size", "8", "--workers", "0", "--cache_dir", str(tmp_path / "cache"),
              "--output_dir", str(tmp_path / "out")]
@@ -61,4 +62,4 @@ def test_recipes_run_once_per_seed_and_tabulate_mean_and_std(sample_root, tmp_pa
     aucs = [r["test_auc"] for r in rows["small"]["runs"]]
     table = (tmp_path / "out" / "recipes.md").read_text()
     mean, std = sum(aucs) / 2, abs(aucs[0] - aucs[1]) / 2 ** 0.5  # the sample standard deviation of two values
-    assert f"| small | `--image_size 32` | " in table and f"{mean:.4f} ± {std:.4f}" in table
+    assert "| small | `--image_size 32` | " in table and f"{mean:.4f} ± {std:.4f}" in table

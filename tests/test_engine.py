@@ -45,7 +45,8 @@ def test_loops_average_over_images_when_the_last_batch_is_smaller():
 def test_train_one_epoch_drives_the_loss_down_on_a_tiny_real_batch(sample_root):
     """8 real + 8 fake faces, random init, the engine's own loop: the model and loss are wired right."""
     torch.manual_seed(0)
-    paths = sorted((sample_root / "real_data").glob("*.jpg"))[:8] + sorted((sample_root / "fake_data").glob("*.jpg"))[:8]
+    paths = (sorted((sample_root / "real_data").glob("*.jpg"))[:8]
+             + sorted((sample_root / "fake_data").glob("*.jpg"))[:8])
     model = DeepfakeDetector("resnet18", weights="none")
     tf = presets.eval_transform(64, model.mean, model.std)
     x = torch.stack([tf(torch.from_numpy(presets.resize_square(load_rgb(p), 73)).permute(2, 0, 1)) for p in paths])

@@ -278,7 +278,8 @@ def test_training_on_a_faces_py_folder_keeps_each_video_in_one_split(tmp_path):
         photos.mkdir()
         for p in sorted((ROOT / "samples" / "faces" / f"{label}_data").glob("*.jpg"))[:16]:
             shutil.copy(p, photos)
-        clips = [write_video(tmp_path / f"{label}_clip{k}.mp4", face_scene(8, face=sample_face(20 + k, f"{label}_data")))
+        clips = [write_video(tmp_path / f"{label}_clip{k}.mp4",
+                             face_scene(8, face=sample_face(20 + k, f"{label}_data")))
                  for k in range(2)]  # four videos in all, of four different faces
         videos += [c.stem for c in clips]
         run(clips + [photos], tmp_path / "data" / f"{label}_data", "--frames", "6")

@@ -34,7 +34,8 @@ def trained(trained_run, sample_root):
     predictor = Predictor(trained_run / "checkpoints" / "best.pt", no_crop=True)
     model = predictor.model
     to_input = presets.eval_transform(128, model.mean, model.std)
-    paths = sorted((sample_root / "real_data").glob("*.jpg"))[:2] + sorted((sample_root / "fake_data").glob("*.jpg"))[:2]
+    paths = (sorted((sample_root / "real_data").glob("*.jpg"))[:2]
+             + sorted((sample_root / "fake_data").glob("*.jpg"))[:2])
     x = torch.stack([to_input(torch.from_numpy(presets.resize_square(load_rgb(p), 146)).permute(2, 0, 1))
                      for p in paths])
     return predictor, x
