@@ -4,7 +4,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = {p.stem: p for p in ROOT.glob("*.py")}
-ENTRY_SCRIPTS = {"main", "app", "compare", "benchmark"}
+ENTRY_SCRIPTS = {"main", "app", "compare", "benchmark", "faces"}
 
 
 def imports_of(path):

@@ -8,8 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+import config
 import engine
 import main
+import model
 
 REPORT_FILES = ["classification_report.txt", "confusion_matrix.png", "training_curves.png", "roc_curve.png",
                 "history.csv", "metrics.json", "args.json", "split.csv", "summary.md",
@@ -299,6 +301,22 @@ def test_offline_without_weights_flag_falls_back_to_random_init_and_says_so(samp
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["weights"] == "none" and "RANDOM INIT" in metrics["notes"][0]
     assert "RANDOM INIT" in (out / "summary.md").read_text()
+
+
+def test_random_init_gets_its_own_defaults_and_given_flags_win(sample_root, tmp_path, offline):
+    """From random init (asked for, or the offline fallback) the defaults are 128 px and flip
+    (config.SCRATCH); a flag the user gave is kept; args.json records what ran."""
+    def ran(*extra):
+        out = tmp_path / f"run{len(extra)}"
+        main.main(main.parse_args(["--data_root", str(sample_root), "--epochs", "1", "--max_per_class", "10",
+                                   "--workers", "0", "--output_dir", str(out), *extra]))
+        used = json.loads((out / "args.json").read_text())
+        return used["weights"], used["image_size"], used["augment"]
+    scratch = ("none", config.SCRATCH["image_size"], config.SCRATCH["augment"])
+    assert scratch[1:] != (model.input_size("resnet18"), config.PRETRAINED["augment"])  # else this says nothing
+    assert ran() == scratch  # offline: fell back to random init, and to its defaults
+    assert ran("--weights", "none") == scratch
+    assert ran("--weights", "none", "--image_size", "48", "--augment", "none") == ("none", 48, "none")
 
 
 def test_offline_with_weights_imagenet_asked_for_stops_with_three_ways_out(sample_root, tmp_path, offline):
