@@ -167,6 +167,7 @@ def bench_predict(args):
                                 "args": {"model": "resnet18", "image_size": 224}}, ckpt)
     fast = engine.load_detector(ckpt, device, "auto")
     plain = engine.load_detector(ckpt, device, "fp32")
+    plain.model.to(memory_format=torch.contiguous_format)  # seed-style NCHW (load_detector picks channels_last on CPUs)
     paths = sorted(p for p in Path(args.input).rglob("*") if p.suffix.lower() in (".jpg", ".png"))[:args.images]
     x = torch.stack([fast.preprocess(load_rgb(p)) for p in paths])
 
@@ -174,16 +175,23 @@ def bench_predict(args):
         with torch.no_grad():
             engine.fake_probability(plain.model(batch.to(device)))
 
-    rows = {"fp32 eager, 1 image at a time": (eager, 1),
-            f"fp32 eager, batch {args.batch_size}": (eager, args.batch_size),
-            f"default: {fast.precision} + inference_mode, batch {args.batch_size}": (fast.fake_probs, args.batch_size)}
+    onnx = engine.load_detector(ckpt, device, "fp32")
+    export_s = timed(lambda: runtime.choose_scorer(onnx, "onnx"))
+    used = "used by" if runtime.pays_off("auto", fast.precision) else "NOT used on this machine by"
+    bs = args.batch_size
+    rows = {f"plain: fp32 NCHW eager, batch {bs}": (eager, bs),
+            "fp32 NCHW eager, 1 image at a time": (eager, 1),
+            f"PyTorch {fast.precision} + inference_mode, batch {bs}": (fast.fake_probs, bs),
+            f"ONNX Runtime fp32, batch {bs} ({used} predict.py on {runtime.EXPORT_PAYS_AT}+ faces, app.py, "
+            f"main.py's test scoring)": (onnx.fake_probs, bs)}
     for fn, bs in rows.values():
         fn(x[:bs])  # warm-up: first calls pick kernels and allocate
 
     def speed(row):
         fn, bs = rows[row]
         return len(x) / timed(lambda: [fn(x[i:i + bs]) for i in range(0, len(x), bs)])
-    print(f"{len(x)} face crops at {fast.image_size} px; model only; {utils.describe_machine(device)}")
+    print(f"{len(x)} face crops at {fast.image_size} px; model only; {utils.describe_machine(device)}; "
+          f"ONNX export + session start {export_s:.1f} s")
     speeds = best_of(args.rounds, list(rows), speed)
     base = speeds[next(iter(rows))]
     print("\n| path | img/s | x |\n| --- | --- | --- |")
