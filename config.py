@@ -28,13 +28,16 @@ MODEL_AND_SPLIT = ("model", "image_size", "data_root", "val_fraction", "test_fra
 
 
 def resolve_defaults(args):
-    """Fill in the defaults that depend on other flags ('auto'), and say so; a given value is kept."""
+    """Fill in the defaults that depend on other flags ('auto'); a given value is kept.
+    Returns what was decided, one line each, for printing."""
     scratch = args.weights == "none"
     defaults = SCRATCH if scratch else {**PRETRAINED, "image_size": input_size(args.model)}
+    decided = []
     for key, value in defaults.items():
         if getattr(args, key) in ("auto", None):
             setattr(args, key, value)
-            print(f"--{key} {value} ({'random init' if scratch else 'pretrained weights'} default)")
+            decided.append(f"--{key} {value} ({'random init' if scratch else 'pretrained weights'} default)")
+    return decided
 
 
 def recorded(args):
@@ -119,9 +122,9 @@ def build_model(args, pretrained=True):
     """DeepfakeDetector with --weights; ImageNet weights that cannot be downloaded fall back to random
     init (with a warning now, at the end and in the report) unless --weights was asked for by name."""
     weights = args.weights if pretrained else "none"
-    resolve_defaults(args)
+    decided = resolve_defaults(args)
     try:
-        return DeepfakeDetector(args.model, weights, freeze_backbone=args.freeze_backbone, image_size=args.image_size)
+        model = DeepfakeDetector(args.model, weights, freeze_backbone=args.freeze_backbone, image_size=args.image_size)
     except WeightsError as e:
         if weights != "imagenet" or "weights" in args.given:
             raise
@@ -129,11 +132,14 @@ def build_model(args, pretrained=True):
         for key in SCRATCH:  # the random-init defaults, for flags the user left to us
             if key not in args.given:
                 setattr(args, key, None)
-        resolve_defaults(args)
+        decided = resolve_defaults(args)
         args.notes.append(f"{str(e).splitlines()[0].rstrip('.')}: trained from RANDOM INIT (--weights none), not a "
                           f"pretrained result; connect and rerun, or pass --weights PATH (README: Pretrained weights)")
         print(f"warning: {args.notes[-1]}")
-        return DeepfakeDetector(args.model, "none", freeze_backbone=args.freeze_backbone, image_size=args.image_size)
+        model = DeepfakeDetector(args.model, "none", freeze_backbone=args.freeze_backbone, image_size=args.image_size)
+    for line in decided:
+        print(line)
+    return model
 
 
 def single_process_only(args, dist):

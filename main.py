@@ -292,7 +292,8 @@ def main(args):
             model = detector.model
         else:
             model = config.build_model(args, pretrained=ckpt is None)
-        config.resolve_defaults(args)
+        for line in config.resolve_defaults(args):  # --evaluate_only, or a resume of an older checkpoint
+            print(line)
         data = load_data(args, model, dist)
     except (WeightsError, ValueError, dataset.DatasetError, engine.CheckpointError) as e:
         sys.exit(f"error: {e}")
