@@ -8,9 +8,10 @@
 
 --recipes FILE holds one `name: main.py flags` per line. Every recipe runs once per --seed
 (the seed sets the split, the initial weights and the batches), each in its own folder
-<output_dir>/recipes/<name>/seed<k>/, and recipes.md tabulates validation and test ROC-AUC
+<output_dir>/recipes/<name>/seed<k>/, and <output_dir>/<FILE's name>.md tabulates validation and test ROC-AUC
 as mean +/- std over the seeds, --test_sets AUCs, training minutes and img/s. Pick a recipe
-by its validation AUC: the test column is the report, not a knob.
+by its validation AUC: the test column is the report, not a knob. Started again with the same
+flags (after a stop, or with more recipes or seeds), it keeps the runs that finished.
 
 Every flag except --models is main.py's and is passed to each `python main.py` run
 unchanged, with --model NAME and --output_dir <output_dir>/compare/NAME added. --image_size defaults
@@ -58,12 +59,25 @@ def bare_torch_memory_mib():
     return float(done.stdout.strip() or 0)
 
 
+def finished(argv, folder):
+    """True if `folder` holds a completed run of exactly these flags (a grid started again after a stop
+    keeps its finished runs; delete a folder to run it anew)."""
+    command, metrics = folder / "command.json", folder / "metrics.json"
+    if not (command.is_file() and metrics.is_file() and metrics.stat().st_mtime >= command.stat().st_mtime):
+        return False
+    if json.loads(command.read_text()) != argv:
+        return False
+    print(f"== {' '.join(argv)}: kept the finished run in {folder} (delete it to run it again)")
+    return True
+
+
 def run_main(argv, folder):
     """python main.py ARGV --output_dir FOLDER, its output in FOLDER/train.log; None, or why it failed.
 
     A subprocess, not a function call: a run that crashes or runs out of memory loses only its
     own row, and the peak memory main.py records then belongs to that run alone."""
     folder.mkdir(parents=True, exist_ok=True)
+    (folder / "command.json").write_text(json.dumps(argv))  # what finished() compares a later grid's flags with
     print(f"== {' '.join(argv)}: output in {folder / 'train.log'}", flush=True)
     with open(folder / "train.log", "w") as log:
         rc = subprocess.run([sys.executable, str(MAIN), *argv, "--output_dir", str(folder)],
@@ -213,10 +227,10 @@ def recipe_row(folder):
 
 
 def compare_recipes(recipes_file, seeds, argv):
-    """Run every recipe once per seed; write recipes.md (mean +/- std over seeds). Returns the rows."""
+    """Run every recipe once per seed; write <recipes file name>.md (mean +/- std over seeds). Returns the rows."""
     shared, _ = shared_flags().parse_known_args(argv)
     out = Path(shared.output_dir)
-    md = out / "recipes.md"
+    md = out / f"{Path(recipes_file).stem}.md"  # several recipe files can share one output folder and its runs
     if md.exists() and not shared.overwrite:
         sys.exit(f"{md} already holds a comparison; pass --overwrite to replace it, or pick another --output_dir")
     rows = {}
@@ -224,7 +238,8 @@ def compare_recipes(recipes_file, seeds, argv):
         runs = []
         for seed in seeds:
             folder = out / "recipes" / name / f"seed{seed}"
-            error = run_main([*argv, *flags, "--seed", str(seed)], folder)
+            run_argv = [*argv, *flags, "--seed", str(seed)]
+            error = None if finished(run_argv, folder) else run_main(run_argv, folder)
             runs.append({"error": error} if error else recipe_row(folder))
         rows[name] = {"flags": " ".join(flags), "runs": runs}
         ok = [r for r in runs if "error" not in r]

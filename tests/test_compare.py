@@ -60,6 +60,24 @@ def test_recipes_run_once_per_seed_and_tabulate_mean_and_std(sample_root, tmp_pa
         splits = [(tmp_path / "out" / "recipes" / name / f"seed{s}" / "split.csv").read_text() for s in (0, 1)]
         assert splits[0] != splits[1]  # each seed its own split
     aucs = [r["test_auc"] for r in rows["small"]["runs"]]
-    table = (tmp_path / "out" / "recipes.md").read_text()
+    table = (tmp_path / "out" / "recipes.md").read_text()  # named after the recipes file
     mean, std = sum(aucs) / 2, abs(aucs[0] - aucs[1]) / 2 ** 0.5  # the sample standard deviation of two values
     assert "| small | `--image_size 32` | " in table and f"{mean:.4f} ± {std:.4f}" in table
+
+
+def test_a_grid_started_again_keeps_its_finished_runs_and_reruns_changed_ones(sample_root, tmp_path, monkeypatch):
+    recipes = tmp_path / "recipes.txt"
+    recipes.write_text("a: --image_size 32\n")
+    flags = ["--data_root", str(sample_root), "--weights", "none", "--epochs", "1", "--max_per_class", "8",
+             "--batch_size", "8", "--workers", "0", "--cache_dir", str(tmp_path / "cache"),
+             "--output_dir", str(tmp_path / "out"), "--overwrite"]
+    first = compare.compare_recipes(recipes, [0], flags)
+    ran = []
+    real_run_main = compare.run_main
+    monkeypatch.setattr(compare, "run_main", lambda argv, folder: ran.append(argv) or real_run_main(argv, folder))
+    again = compare.compare_recipes(recipes, [0, 1], flags)  # one more seed
+    assert [argv[-1] for argv in ran] == ["1"]  # seed 0 was kept, seed 1 ran
+    assert again["a"]["runs"][0] == first["a"]["runs"][0]
+    recipes.write_text("a: --image_size 32 --augment none\n")  # other flags: not the same run, so it runs
+    compare.compare_recipes(recipes, [0], flags)
+    assert ran[-1][-3:] == ["none", "--seed", "0"]
