@@ -65,7 +65,8 @@ def finished(argv, folder):
     command, metrics = folder / "command.json", folder / "metrics.json"
     if not (command.is_file() and metrics.is_file() and metrics.stat().st_mtime >= command.stat().st_mtime):
         return False
-    if json.loads(command.read_text()) != argv:
+    same_run = lambda flags: [f for f in flags if f != "--overwrite"]  # noqa: E731 (it changes no result)
+    if same_run(json.loads(command.read_text())) != same_run(argv):
         return False
     print(f"== {' '.join(argv)}: kept the finished run in {folder} (delete it to run it again)")
     return True

@@ -1,9 +1,9 @@
 """Scoring through ONNX Runtime: the fast path for inference on CPUs that compute in fp32.
 
-On an AVX2-only CPU without native bf16, ONNX Runtime runs the exported detector about 1.7x
-faster than PyTorch's channels_last fp32 and 2.4x faster than plain NCHW (benchmark.py
-predict), with the same P(fake) to within 1e-6. The export takes a few seconds, so it is
-done only where it pays back: a server at start-up, a folder of many images.
+On an AVX2-only CPU without native bf16, ONNX Runtime runs the exported detector 1.35x
+faster than PyTorch's channels_last fp32 and 1.55x faster than plain NCHW eager (benchmark.py
+predict, 2-core AMD EPYC), with the same P(fake) to within 1e-6. The export takes a few
+seconds, so it is done only where it pays back: a server at start-up, a folder of many images.
 
     scorer = runtime.choose_scorer(detector, "auto", n_images=len(files))  # model or OnnxScorer
     logits = scorer(batch)                                                  # like model(batch)
@@ -22,7 +22,7 @@ from torch import nn
 RUNTIMES = ("auto", "torch", "onnx")
 HELP = ("what scores: onnx (ONNX Runtime), torch (PyTorch), auto: ONNX Runtime on a CPU without native bf16 "
         "when there are enough images to pay back the export (a few seconds), else PyTorch (default: auto)")
-# ~3 s to export and load; saves ~25 ms per 224-px image on a 2-core AVX2 CPU (benchmark.py predict)
+# 1-3 s to export and load; saves ~10 ms per 224-px image on a 2-core AVX2 CPU (benchmark.py predict)
 EXPORT_PAYS_AT = 200
 
 
