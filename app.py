@@ -226,8 +226,9 @@ def get_args_parser():
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N (default: auto)")
     g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="autocast precision, as in main.py (default: auto)")
-    g.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help=runtime.HELP.replace(
-        "when there are enough images to pay back the export (a few seconds)", "(exported at start-up)"))
+    g.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help="what scores: onnx (ONNX Runtime, "
+                   "exported at start-up), torch (PyTorch), auto: ONNX Runtime on a CPU without native bf16, "
+                   "else PyTorch (default: auto)")
     g.add_argument("--detector", default="yunet", choices=["yunet", "dlib"], help="face detector (default: yunet)")
     g.add_argument("--frames", type=positive(int), default=16, help="frames sampled per video; fewer than predict.py's "
                    "32 so a CPU answers in seconds (default: 16)")

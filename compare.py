@@ -59,14 +59,18 @@ def bare_torch_memory_mib():
     return float(done.stdout.strip() or 0)
 
 
+def without_overwrite(flags):
+    """The flags that decide a run's result: --overwrite only lets it replace an earlier one."""
+    return [f for f in flags if f != "--overwrite"]
+
+
 def finished(argv, folder):
     """True if `folder` holds a completed run of exactly these flags (a grid started again after a stop
     keeps its finished runs; delete a folder to run it anew)."""
     command, metrics = folder / "command.json", folder / "metrics.json"
     if not (command.is_file() and metrics.is_file() and metrics.stat().st_mtime >= command.stat().st_mtime):
         return False
-    same_run = lambda flags: [f for f in flags if f != "--overwrite"]  # noqa: E731 (it changes no result)
-    if same_run(json.loads(command.read_text())) != same_run(argv):
+    if without_overwrite(json.loads(command.read_text())) != without_overwrite(argv):
         return False
     print(f"== {' '.join(argv)}: kept the finished run in {folder} (delete it to run it again)")
     return True

@@ -99,8 +99,9 @@ def _build(name, weights, image_size):
 class FlipAverage(nn.Module):
     """Test-time augmentation: the logits of each image and of its mirror image, averaged.
 
-    Faces are left-right symmetric enough that a detector should say the same of both; the
-    average of the two is a slightly better score than either (--tta flip).
+    Faces are left-right symmetric enough that a detector should say the same of both, so the
+    average smooths out a verdict that hangs on one side of the face (--tta flip; it costs
+    two forward passes per image).
     """
 
     def __init__(self, model):
