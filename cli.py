@@ -41,6 +41,16 @@ def fraction(text):
     return value
 
 
+def checked(fn):
+    """argparse type from a function that raises ValueError with a message: argparse shows that message."""
+    def check(text):
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return check
+
+
 def given_flags(get_args_parser, argv, args):
     """The flags the command line really gave, as opposed to those filled in from defaults.
 

@@ -26,6 +26,7 @@ report stays in its own folder, with the run's output in train.log.
 import argparse
 import csv
 import hashlib
+import itertools
 import json
 import shlex
 import statistics
@@ -39,9 +40,10 @@ matplotlib.use("Agg")  # files only, never windows
 import matplotlib.pyplot as plt
 
 import engine
-from model import MODELS
+from model import check_name
 
 FAIR_IMAGE_SIZE = 224
+QUALITY = 0.90  # time to quality: the minutes of training until validation ROC-AUC first reached this
 MAIN = Path(__file__).resolve().with_name("main.py")
 
 
@@ -180,9 +182,11 @@ def compare(models, argv):
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in models:
-        if name not in MODELS:
+        try:
+            check_name(name)
+        except ValueError as e:
             print(f"== {name}: not a model of model.py, skipped")
-            rows.append({"model": name, "error": f"unknown model {name!r} (known: {', '.join(sorted(MODELS))})"})
+            rows.append({"model": name, "error": str(e)})
             continue
         rows.append(run_model(name, argv, out))
     import torch
@@ -219,13 +223,22 @@ def mean_std(values):
         else f"{values[0]:.4f}"
 
 
+def reached(runs):
+    """'mean minutes (k of n seeds)' until validation AUC first reached QUALITY; '-' if no seed did."""
+    times = [r["to_quality"] for r in runs if r["to_quality"] == r["to_quality"]]
+    return f"{statistics.mean(times):.1f} ({len(times)} of {len(runs)})" if times else "-"
+
+
 def recipe_row(folder):
     """What one finished recipe run left: val/test AUC, cross-dataset AUCs, minutes, img/s."""
     metrics = json.loads((folder / "metrics.json").read_text())
     with open(folder / "history.csv", newline="") as f:
         history = list(csv.DictReader(f))
     best = history[metrics["best_epoch"] - 1]
+    elapsed = itertools.accumulate(float(h["epoch_s"]) / 60 for h in history)
+    hits = [m for h, m in zip(history, elapsed) if float(h["val_auc"]) >= QUALITY]
     return {"val_auc": float(best["val_auc"]), "test_auc": metrics["at_val_threshold"]["roc_auc"],
+            "to_quality": hits[0] if hits else float("nan"),
             "sets": {r["name"]: r.get("roc_auc", float("nan")) for r in metrics.get("test_sets", [])[1:]},
             "minutes": sum(float(h["epoch_s"]) for h in history) / 60,
             "img_s": statistics.mean(float(h["train_img_s"]) for h in history)}
@@ -253,20 +266,23 @@ def compare_recipes(recipes_file, seeds, argv):
     lines = ["# Training recipes", "", f"Command: `python compare.py --recipes {recipes_file} --seeds "
              f"{' '.join(map(str, seeds))} {' '.join(argv)}`", "",
              "| recipe | flags | val ROC-AUC | test ROC-AUC | " + "".join(f"{s} ROC-AUC | " for s in sets)
-             + "training minutes | train img/s | seeds |",
-             "| --- | --- | --- | --- | " + "--- | " * len(sets) + "--- | --- | --- |"]
+             + f"minutes to val AUC {QUALITY} | training minutes | train img/s | seeds |",
+             "| --- | --- | --- | --- | " + "--- | " * len(sets) + "--- | --- | --- | --- |"]
     for name, row in rows.items():
         ok = [r for r in row["runs"] if "error" not in r]
         failed = "; ".join(r["error"] for r in row["runs"] if "error" in r).replace("|", "/")
         cells = [name, f"`{row['flags']}`", mean_std([r["val_auc"] for r in ok]), mean_std([r["test_auc"] for r in ok]),
                  *(mean_std([r["sets"].get(s, float("nan")) for r in ok]) for s in sets),
+                 reached(ok),
                  f"{statistics.mean(r['minutes'] for r in ok):.1f}" if ok else "-",
                  f"{statistics.mean(r['img_s'] for r in ok):.1f}" if ok else "-",
                  f"{len(ok)}" + (f" (failed: {failed})" if failed else "")]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± standard deviation over the seeds; each seed has its own split, initial weights and "
               "batches. Validation AUC is the best epoch's (the one kept); test AUC is that checkpoint on the test "
-              "split, at the threshold chosen on validation. Choose by validation, report test.", ""]
+              "split, at the threshold chosen on validation. Choose by validation, report test. Minutes to val AUC: "
+              f"training time (train + validation) until the first epoch whose validation ROC-AUC >= {QUALITY}, "
+              "averaged over the seeds that got there.", ""]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines))
     print(f"wrote {md}")

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import progress
 from media import IMAGE_EXTS, MediaError, crop_source, load_rgb
-from presets import cache_size_for, eval_transform, resize_square, train_transform
+from presets import CROP_PCT, cache_size_for, eval_transform, resize_square, train_transform
 
 CLASSES = ("real", "fake")  # index = label
 CLASS_DIRS = ("real_data", "fake_data")
@@ -276,7 +276,8 @@ class Data:
 
 
 def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0.15, seed=0,
-                 max_per_class=0, cache_dir="cache", workers=2, use_cache=True, augment="blur_jpeg"):
+                 max_per_class=0, cache_dir="cache", workers=2, use_cache=True, augment="blur_jpeg",
+                 crop_pct=CROP_PCT):
     """Find, decode (once, cached), de-duplicate, group and split the images under root."""
     samples, presplit = find_samples(root)
     if max_per_class:
@@ -285,7 +286,8 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
                    for s in sorted(rng.sample([s for s in samples if s.label == label],
                                               min(max_per_class, sum(s.label == label for s in samples))),
                                    key=lambda s: s.path)]
-    cache, corrupt = build_cache(samples, cache_size_for(image_size), cache_dir, workers)
+    size = cache_size_for(image_size, crop_pct)
+    cache, corrupt = build_cache(samples, size, cache_dir, workers)
     if corrupt:
         warnings.warn(f"skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
                       + "\n  ".join(f"{p} ({e})" for p, e in list(corrupt.items())[:20])
@@ -308,16 +310,16 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
     else:
         split_groups(samples, val_fraction, test_fraction, seed)
     sizes = Counter(s.group for s in samples)
-    tf = {"train": train_transform(image_size, mean, std, augment), "val": eval_transform(image_size, mean, std),
-          "test": eval_transform(image_size, mean, std)}
+    evaluation = eval_transform(image_size, mean, std, crop_pct)
+    tf = {"train": train_transform(image_size, mean, std, augment, crop_pct), "val": evaluation, "test": evaluation}
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
-                                       cache if use_cache else None, cache_size_for(image_size))
+                                       cache if use_cache else None, size)
                 for split in SPLITS}
     return Data(datasets, samples, corrupt, conflicts, duplicates, dropped,
                 sum(n > 1 for n in sizes.values()), presplit)
 
 
-def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2):
+def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2, crop_pct=CROP_PCT):
     """An extra held-out folder, scored after training (main.py --test_sets): real_data/ and/or
     fake_data/ inside (labelled), or a plain folder of images (labels unknown, reported as the
     share called fake). Returns (DeepfakeDataset with the eval transform, labelled?)."""
@@ -329,9 +331,10 @@ def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2):
     samples = [Sample(str(p), label) for label, d in folders if d.is_dir() for p in _images_in(d)]
     if not samples:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) in the test set")
-    cache, corrupt = build_cache(samples, cache_size_for(image_size), cache_dir, workers)
+    size = cache_size_for(image_size, crop_pct)
+    cache, corrupt = build_cache(samples, size, cache_dir, workers)
     samples = [s for s in samples if s.path not in corrupt]
-    return DeepfakeDataset(samples, eval_transform(image_size, mean, std), cache, cache_size_for(image_size)), labelled
+    return DeepfakeDataset(samples, eval_transform(image_size, mean, std, crop_pct), cache, size), labelled
 
 
 def check_splits(data, root, val_fraction, test_fraction):

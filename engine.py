@@ -7,6 +7,7 @@ main.py and report.py build the logs and plots from those dicts.
     stats = evaluate(model, criterion, loader, precision)        # + "probs" (P(fake)) and "labels"
     detector = load_detector("results/checkpoints/best.pt")      # model, transform, threshold, args
 """
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import dataset
 import presets
 from cli import progress
-from model import MODELS, DeepfakeDetector, FlipAverage
+from model import DeepfakeDetector, FlipAverage, check_name
 from utils import choose_precision, gather_scores, get_device, sum_over_ranks
 
 DEFAULT_THRESHOLD = 0.5  # the decision threshold of a checkpoint that stores none (interrupted run)
@@ -29,8 +30,39 @@ def fake_probability(logits):
     return logits.float().softmax(1)[:, 1]
 
 
-def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scaler=None, desc=None):
-    """One pass over `loader`; returns {"loss", "acc", "img_s"} averaged over images (of every process)."""
+# ---------------------------------------------------------------- the learning-rate schedule
+
+def lr_factor(step, total_steps, warmup_steps=0, floor=0.0):
+    """The multiplier of each group's learning rate at optimizer step `step` (0-based): a linear
+    warm-up from ~0 to 1 over warmup_steps, then a cosine from 1 down to `floor` at total_steps.
+    A pure function of the step, so a resumed run continues exactly where it stopped; change
+    the schedule here (and only here)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def make_scheduler(optimizer, epochs, steps_per_epoch, warmup_epochs=0.0, floor=0.0):
+    """lr_factor stepped once per batch (torch's LambdaLR; a resumed run with more --epochs
+    stretches the cosine over the new length)."""
+    total, warmup = epochs * steps_per_epoch, round(warmup_epochs * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, warmup, floor))
+
+
+def resume_scheduler(scheduler, state):
+    """Continue a checkpoint's schedule at its step; the learning rate then follows this run's
+    lr_factor (the same, unless a resume changed --epochs)."""
+    scheduler.load_state_dict(state)
+    for group, base, factor in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+# ---------------------------------------------------------------- loops
+
+def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scaler=None, scheduler=None, desc=None):
+    """One pass over `loader`, stepping `scheduler` after each batch; returns {"loss", "acc",
+    "img_s"} averaged over images (of every process)."""
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = progress(loader, desc or f"train {epoch}")
@@ -48,6 +80,8 @@ def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scale
         else:
             loss.backward()
             optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
         n = labels.size(0)
         total_loss += loss.item() * n  # weight by batch size: the last batch may be small
         correct += (logits.argmax(1) == labels).sum().item()
@@ -131,6 +165,7 @@ class Detector:
     precision: object             # utils.Precision: device, autocast dtype, memory layout
     transform: object             # presets.eval_transform for the checkpoint's image size
     image_size: int
+    crop_pct: float               # input size / cached size (presets.cache_size_for)
     threshold: float              # P(fake) >= threshold -> "fake"
     threshold_source: str
     args: dict                    # the flags the checkpoint was trained with
@@ -138,7 +173,7 @@ class Detector:
 
     def preprocess(self, pil):
         """PIL face crop -> normalized (3, S, S), exactly as the training cache + eval transform."""
-        pixels = presets.resize_square(pil, presets.cache_size_for(self.image_size))  # (s, s, 3) uint8
+        pixels = presets.resize_square(pil, presets.cache_size_for(self.image_size, self.crop_pct))  # (s, s, 3) uint8
         return self.transform(torch.from_numpy(pixels).permute(2, 0, 1))
 
     @torch.inference_mode()
@@ -156,9 +191,10 @@ def load_detector(path, device="auto", precision="auto", tta=None):
     ckpt = load_checkpoint(path)
     args = ckpt["args"]
     name = args.get("model")
-    if name not in MODELS:
-        raise CheckpointError(f"{path}: trained for model {name!r}, which model.py does not know "
-                              f"(known: {', '.join(MODELS)})")
+    try:
+        check_name(name)
+    except ValueError:
+        raise CheckpointError(f"{path}: trained for model {name!r}, which model.py does not know") from None
     model = DeepfakeDetector(name, "none", freeze_backbone=bool(args.get("freeze_backbone")),
                              image_size=args.get("image_size"))  # ViT's position grid depends on it
     try:
@@ -169,9 +205,10 @@ def load_detector(path, device="auto", precision="auto", tta=None):
     run = choose_precision(get_device(device) if isinstance(device, str) else device, precision)
     run.prepare(model.eval())
     image_size = args.get("image_size") or model.input_size
+    crop_pct = args.get("crop_pct", presets.CROP_PCT)  # older checkpoints: the one framing there was
     threshold, source = ckpt.get("threshold"), "checkpoint (val EER point)"
     if threshold is None:
         threshold, source = DEFAULT_THRESHOLD, f"{DEFAULT_THRESHOLD} default (checkpoint has no threshold)"
     scorer = FlipAverage(model) if (tta or args.get("tta")) == "flip" else model
-    return Detector(model, scorer, run, presets.eval_transform(image_size, model.mean, model.std), image_size,
-                    float(threshold), source, args, ckpt.get("epoch", -1))
+    return Detector(model, scorer, run, presets.eval_transform(image_size, model.mean, model.std, crop_pct),
+                    image_size, crop_pct, float(threshold), source, args, ckpt.get("epoch", -1))

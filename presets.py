@@ -1,8 +1,10 @@
 """What the network sees: the training and evaluation transforms, side by side.
 
 Images reach these as uint8 (3, S, S) tensors from the decoded-image cache, S =
-cache_size_for(image_size) (256 for 224): a little larger than the input, so random crops
-have room, and evaluation centre-crops at the same scale.
+cache_size_for(image_size, crop_pct) = image_size / crop_pct (256 for 224 at the default
+0.875): a little larger than the input, so random crops have room, and evaluation
+centre-crops at the same scale. --crop_pct 1 feeds the whole face, resized to the input
+(on 256-px faces with --image_size 256: the native pixels, neither resampled nor cropped).
 
     --augment none        centre crop, as in evaluation
     --augment flip        centre crop + horizontal flip
@@ -20,11 +22,13 @@ from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
 AUGMENTATIONS = ("none", "flip", "crop_flip", "blur_jpeg")
+CROP_PCT = 224 / 256  # input size / cached size: ImageNet's classic 224 crop of a 256 resize
 
 
-def cache_size_for(image_size):
-    """Cache a little larger than the model input (256 for 224) so random crops have room."""
-    return int(round(image_size * 256 / 224))
+def cache_size_for(image_size, crop_pct=CROP_PCT):
+    """The cached (and evaluation-resized) size: a little larger than the input (256 for 224)
+    so random crops have room; the input size itself at crop_pct 1."""
+    return int(round(image_size / crop_pct))
 
 
 def resize_square(im, size):
@@ -32,10 +36,10 @@ def resize_square(im, size):
     return np.array(ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR))
 
 
-def train_transform(image_size, mean, std, augment="blur_jpeg"):
+def train_transform(image_size, mean, std, augment="blur_jpeg", crop_pct=CROP_PCT):
     """uint8 (3, S, S) -> normalized float (3, image_size, image_size), augmented as `augment` says."""
     crop = v2.RandomCrop(image_size) if augment in ("crop_flip", "blur_jpeg") else v2.CenterCrop(image_size)
-    steps = [v2.Resize(cache_size_for(image_size), antialias=True), crop]  # Resize: a no-op on cached pixels
+    steps = [v2.Resize(cache_size_for(image_size, crop_pct), antialias=True), crop]  # a no-op on cached pixels
     if augment != "none":
         steps.append(v2.RandomHorizontalFlip())
     if augment == "blur_jpeg":
@@ -44,10 +48,10 @@ def train_transform(image_size, mean, std, augment="blur_jpeg"):
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def eval_transform(image_size, mean, std):
+def eval_transform(image_size, mean, std, crop_pct=CROP_PCT):
     """Deterministic: resize the short side (256 for 224), centre crop, normalize; same scale as training."""
     return v2.Compose([
-        v2.Resize(cache_size_for(image_size), antialias=True),
+        v2.Resize(cache_size_for(image_size, crop_pct), antialias=True),
         v2.CenterCrop(image_size),
         v2.ToDtype(torch.float32, scale=True),
         v2.Normalize(mean, std),
