@@ -39,7 +39,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 import engine
 import runtime
-from cli import positive
+from cli import add_machine_flags, positive
 from detect import DETECT_MIN_SIDE
 from media import IMAGE_EXTS, MAX_PIXELS, MediaError, check_pixels
 from predict import NO_FACE, Predictor
@@ -223,12 +223,7 @@ def get_args_parser():
     g = parser.add_argument_group("model")
     g.add_argument("--checkpoint", default="results/checkpoints/best.pt",
                    help="checkpoint written by main.py (default: results/checkpoints/best.pt)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N (default: auto)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="autocast precision, as in main.py (default: auto)")
-    g.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help="what scores: onnx (ONNX Runtime, "
-                   "exported at start-up), torch (PyTorch), auto: ONNX Runtime on a CPU without native bf16, "
-                   "else PyTorch (default: auto)")
+    add_machine_flags(g)
     g.add_argument("--detector", default="yunet", choices=["yunet", "dlib"], help="face detector (default: yunet)")
     g.add_argument("--frames", type=positive(int), default=16, help="frames sampled per video; fewer than predict.py's "
                    "32 so a CPU answers in seconds (default: 16)")

@@ -33,7 +33,7 @@ import features
 import presets
 import runtime
 import utils
-from cli import DEFAULT_WORKERS, positive
+from cli import DEFAULT_WORKERS, add_machine_flags, positive
 from media import MediaError, is_video, load_rgb, sample_frames
 from model import DeepfakeDetector
 from presets import AUGMENTATIONS
@@ -107,7 +107,7 @@ def train_and_infer(ds, eval_ds, precision, workers, compiled, scoring, args):
 
 def bench_train(args):
     device = utils.get_device(args.device)
-    default = utils.choose_precision(device, "auto")
+    default = utils.choose_precision(device, args.precision)
     fp32 = utils.Precision(device)
     mean, std = DeepfakeDetector("resnet18", "none").mean, DeepfakeDetector("resnet18", "none").std
     n = args.batch_size * (args.batches * 2 + 2)  # enough images that no timed batch repeats a decode
@@ -165,7 +165,7 @@ def bench_predict(args):
         ckpt = Path(args.cache_dir) / "benchmark-random-resnet18.pt"
         engine.save_checkpoint({"model": DeepfakeDetector("resnet18", "none").state_dict(),
                                 "args": {"model": "resnet18", "image_size": 224}}, ckpt)
-    fast = engine.load_detector(ckpt, device, "auto")
+    fast = engine.load_detector(ckpt, device, args.precision)
     plain = engine.load_detector(ckpt, device, "fp32")
     plain.model.to(memory_format=torch.contiguous_format)  # seed-style NCHW (load_detector picks channels_last on CPUs)
     paths = sorted(p for p in Path(args.input).rglob("*") if p.suffix.lower() in (".jpg", ".png"))[:args.images]
@@ -206,7 +206,7 @@ def bench_features(args, head_epochs=5):
     """A full training epoch, a frozen-backbone epoch on images, the one-time feature pass and
     head epochs on cached features, on the same data in one run."""
     device = utils.get_device(args.device)
-    precision = utils.choose_precision(device, "auto")
+    precision = utils.choose_precision(device, args.precision)
     utils.seed_everything(0)
     model = DeepfakeDetector(args.model, "none")
     data = dataset.prepare_data(args.data_root, model.input_size, model.mean, model.std,
@@ -305,7 +305,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description="Speed measurements, side by side in one run")
     sub = parser.add_subparsers(dest="what", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda:N (default: auto)")
+    add_machine_flags(common, runtime=None)  # --precision: the "default" rows' (the plain rows stay fp32)
     common.add_argument("--rounds", type=positive(int), default=2, help="measure every row this many times, "
                         "interleaved, and keep each row's best (default: 2)")
     common.add_argument("--cache_dir", default="cache", help="decoded-image cache (default: cache)")

@@ -15,6 +15,15 @@ from tqdm import tqdm
 # data-loading processes: two keep a 2-core CPU's model fed (benchmark.py train) without
 # crowding out its compute threads on bigger machines
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+RUNTIME_HELP = {
+    "auto": "what scores: onnx (ONNX Runtime), torch (PyTorch, the model as written), auto: ONNX Runtime on a CPU "
+            "without native bf16 when it pays back the export (a server, or 200+ images), else PyTorch "
+            "(default: auto)",
+    "torch": "what scores the test split and --test_sets: torch (PyTorch, the model as written in model.py), or "
+             "onnx (an ONNX Runtime export of it, faster on CPUs without native bf16; a disagreement with PyTorch "
+             "beyond 1e-3 is reported) (default: torch)",
+}
 _silent = False  # set in the processes that must not print (torchrun's ranks > 0)
 
 
@@ -49,6 +58,19 @@ def checked(fn):
         except ValueError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
     return check
+
+
+def add_machine_flags(group, runtime="auto"):
+    """--device, --precision and (unless runtime is None) --runtime: declared here once for every
+    entry script. main.py scores with PyTorch unless asked (runtime="torch"); predict.py and
+    app.py pick the faster runtime (runtime="auto")."""
+    group.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
+    group.add_argument("--precision", default="auto", choices=PRECISIONS,
+                       help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), else "
+                       "fp32; channels_last on CPUs and with autocast (default: auto)")
+    if runtime is not None:
+        choices = ("auto", "torch", "onnx") if runtime == "auto" else ("torch", "onnx")
+        group.add_argument("--runtime", choices=choices, default=runtime, help=RUNTIME_HELP[runtime])
 
 
 def given_flags(get_args_parser, argv, args):

@@ -1,37 +1,92 @@
-"""A run's configuration: flags resolved against a checkpoint, the defaults for random init,
-the bundled sample when Dataset/ is empty, the weights fallback offline, the output folder.
+"""A run's configuration, resolved once: command-line flags + checkpoint (if any) + machine.
 
-main.py calls these before training; each one prints what it decided and records what a
-reader of the results must know in args.notes (summary.md shows them on top).
+    args = main.parse_args()                   # what the user typed; some values still "auto"/None
+    args, ckpt, ckpt_path = config.resolve(args, dist, device)   # every value decided, nothing "auto"
+
+resolve() is the one place where defaults that depend on other flags are filled in, where a
+resumed or evaluated run takes its flags from its checkpoint, where the bundled sample stands
+in for an empty Dataset/, where an offline machine falls back to other weights, and where
+"auto" device, precision and runtime become what this machine runs. It prints each decision
+once; args.json and summary.md record the object it returns, and args.notes holds what a
+reader of the results must know (summary.md shows the notes on top).
 """
+import fcntl
+import os
 import shutil
 import sys
 from pathlib import Path
 
+import dataset
 import engine
+import model
+import utils
 from media import IMAGE_EXTS
-from model import DeepfakeDetector, WeightsError, input_size
 
-# A resumed run takes every flag from its checkpoint unless the command line gives it again.
-# These may then differ (the change is printed); any other flag that differs would change the
-# model, the data split or the batches, so the resume is refused instead.
-RESUME_MAY_CHANGE = {"epochs", "workers", "device", "precision", "cache_dir", "output_dir", "test_sets"}
-NEVER_FROM_CHECKPOINT = {"resume", "evaluate_only", "checkpoint", "eval_split", "overwrite", "runtime"}
-# Defaults that differ when training from random init (--weights none): see README, "Training from scratch".
-# 128 px learns as well from scratch as 224 px on the shared faces (measured) in a third of the time;
-# pretrained weights keep the input size they were trained at (model.input_size()).
+# Defaults that depend on the weights. From random init (--weights none): 128 px learns as well
+# as 224 px on the shared faces in a third of the time, and flip is the augmentation that helped
+# (docs/experiments.md). Pretrained weights keep the input size they were trained at and use
+# Wang et al.'s blur + JPEG augmentation.
 SCRATCH = {"augment": "flip", "image_size": 128}
 PRETRAINED = {"augment": "blur_jpeg"}
+# Where ResNet18's ImageNet weights cannot be downloaded and the user named neither --model nor
+# --weights: the backbone whose ImageNet weights come with the install. It beats ResNet18 from random
+# init by a wide margin on the shared faces (docs/experiments.md, "Pretrained backbone").
+OFFLINE_MODEL = "efficientnet_lite0"
 SAMPLE = Path(__file__).resolve().parent / "samples" / "faces"
-# what --evaluate_only takes from the checkpoint: the network and its test split
-MODEL_AND_SPLIT = ("model", "image_size", "data_root", "val_fraction", "test_fraction", "seed", "max_per_class")
+
+# Flags about this very run: never taken from a checkpoint.
+OWN = {"resume", "evaluate_only", "checkpoint", "eval_split", "overwrite", "runtime", "machine", "notes"}
+# A resume takes every other flag from its checkpoint unless the command line gives it again; these
+# may then differ (the change is printed). Any other difference would change the model, the data
+# split or the batches, so the resume is refused instead.
+RESUME_MAY_CHANGE = {"epochs", "workers", "device", "precision", "cache_dir", "output_dir", "test_sets"}
+# An evaluation takes what was trained (model, weights, split, recipe) from its checkpoint; it may
+# score in other batches or with test-time augmentation. Where and how it runs is its own.
+EVALUATION_MAY_CHANGE = {"batch_size", "tta"}
+EVALUATION_OWN = {"device", "precision", "workers", "cache_dir", "test_sets", "output_dir"}
+
+# ---------------------------------------------------------------- the one resolution step
+
+def resolve(args, dist, device):
+    """Flags + checkpoint + machine -> the run's configuration. Returns (args, ckpt, ckpt_path);
+    ckpt and ckpt_path are None for a new run. Stops with one line on a contradiction."""
+    args.notes, ckpt, path = [], None, None
+    if args.evaluate_only or args.resume is not None:
+        path, ckpt = checkpoint_to_start_from(args)
+        take_flags_from_checkpoint(args, ckpt["args"])
+    else:
+        use_sample_if_no_data(args)
+    check_inputs(args)  # before any download
+    if ckpt is None:
+        choose_weights(args)
+    for line in fill_defaults(args):
+        print(line)
+    if args.backbone_lr_scale is None:  # fine-tuning after a head-only warm-up: move the backbone gently
+        args.backbone_lr_scale = 0.1 if args.unfreeze_at else 1.0
+    precision = utils.choose_precision(device, args.precision)
+    args.device, args.precision = str(device), precision.name
+    args.machine = utils.describe_machine(device) + (f", {dist.world} processes" if dist.on else "")
+    args.runtime = runtime_available(args.runtime, args.notes)
+    return args, ckpt, path
 
 
-def resolve_defaults(args):
-    """Fill in the defaults that depend on other flags ('auto'); a given value is kept.
+def check_inputs(args):
+    """The data and every --test_sets folder exist, checked before anything downloads or trains."""
+    try:
+        dataset.find_samples(args.data_root)
+    except dataset.DatasetError as e:
+        sys.exit(f"error: {e}")
+    for item in args.test_sets:
+        name, path = item.split("=", 1)
+        if not Path(path).is_dir():
+            sys.exit(f"error: --test_sets {name}={path}: folder not found")
+
+
+def fill_defaults(args):
+    """Fill in the defaults that depend on the weights; a given (or checkpointed) value is kept.
     Returns what was decided, one line each, for printing."""
     scratch = args.weights == "none"
-    defaults = SCRATCH if scratch else {**PRETRAINED, "image_size": input_size(args.model)}
+    defaults = SCRATCH if scratch else {**PRETRAINED, "image_size": model.input_size(args.model)}
     decided = []
     for key, value in defaults.items():
         if getattr(args, key) in ("auto", None):
@@ -40,56 +95,156 @@ def resolve_defaults(args):
     return decided
 
 
+def choose_weights(args):
+    """A new run's weights: fetched now (a download), or the offline fallback, said at the start
+    and recorded in args.notes. An explicit --weights that cannot be had stops the run."""
+    if args.weights == "none":
+        return
+    try:
+        model.imagenet_network(args.model, args.weights)  # downloads into torch's cache, or finds the file
+        return
+    except model.WeightsError as e:
+        if args.weights != "imagenet" or "weights" in args.given:
+            sys.exit(f"error: {e}")
+        why = str(e).splitlines()[0].rstrip(".")
+    if "model" not in args.given:
+        try:
+            model.wheel_weights_file(OFFLINE_MODEL)
+            args.model = OFFLINE_MODEL
+            args.notes.append(f"{why}: trained {OFFLINE_MODEL} with the ImageNet weights that come with the "
+                              f"install instead of resnet18 (the better of the two offline choices); connect and "
+                              f"rerun for ResNet18, or pass --model (README: Pretrained weights)")
+            print(f"warning: {args.notes[-1]}")
+            return
+        except model.WeightsError:
+            pass
+    args.weights = "none"
+    args.notes.append(f"{why}: trained from RANDOM INIT (--weights none), not a pretrained result; connect and "
+                      f"rerun, or pass --weights PATH or --model {OFFLINE_MODEL} (README: Pretrained weights)")
+    print(f"warning: {args.notes[-1]}")
+
+
+def runtime_available(runtime, notes):
+    """--runtime onnx needs the onnxruntime package; without it, PyTorch scores (said once)."""
+    if runtime == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            notes.append("--runtime onnx: onnxruntime is not installed, scored with PyTorch "
+                         "(pip install -r requirements.txt)")
+            print(f"warning: {notes[-1]}")
+            return "torch"
+    return runtime
+
+
 def recorded(args):
-    """The flags to save (args.json, checkpoints): everything but the parse bookkeeping."""
+    """The configuration to save (args.json, checkpoints): everything but the parse bookkeeping."""
     return {k: v for k, v in vars(args).items() if k != "given"}
 
 
+# ---------------------------------------------------------------- checkpoints
+
 def take_flags_from_checkpoint(args, saved):
-    """--resume: every flag not given comes from the checkpoint; --evaluate_only: the model and split.
+    """--resume: every flag not given comes from the checkpoint; --evaluate_only: what was trained.
 
     A given flag that contradicts the checkpoint stops the run with one line naming both values,
-    except RESUME_MAY_CHANGE on a resume, which are applied and announced.
+    except the ones the run may change (RESUME_MAY_CHANGE, EVALUATION_MAY_CHANGE), which are kept.
     """
     if args.evaluate_only:
-        keys = [k for k in MODEL_AND_SPLIT if not (args.eval_split == "all" and k in ("data_root", "max_per_class"))]
+        own = EVALUATION_OWN | ({"data_root", "max_per_class"} if args.eval_split == "all" else set())
+        may_change = EVALUATION_MAY_CHANGE
     else:
-        keys = [k for k in saved if k in vars(args) and k not in NEVER_FROM_CHECKPOINT and k != "output_dir"]
-        if args.resume:  # a checkpoint path: its run folder, unless another is given
-            keys.append("output_dir")
-    for key in keys:
+        own = set() if args.resume else {"output_dir"}  # a bare --resume continues where it found last.pt
+        may_change = RESUME_MAY_CHANGE
+    for key, theirs in saved.items():
+        if key in OWN or key in own or key not in vars(args):
+            continue
         if key not in args.given:
-            setattr(args, key, saved.get(key, getattr(args, key)))  # .get: older checkpoints
-        elif getattr(args, key) != saved.get(key, getattr(args, key)):
-            mine, theirs = getattr(args, key), saved[key]
-            if args.resume is not None and key in RESUME_MAY_CHANGE:
-                print(f"note: --{key} {mine} (the checkpoint ran with {theirs})")
+            setattr(args, key, theirs)
+        elif getattr(args, key) != theirs:
+            if key in may_change:
+                print(f"note: --{key} {getattr(args, key)} (the checkpoint ran with {theirs})")
             else:
                 what = "resume" if args.resume is not None else "evaluate"
-                sys.exit(f"error: --{key} {mine} conflicts with the checkpoint's {theirs}; to {what} it, leave "
-                         f"--{key} out" + (" (or start a new run with --output_dir)" if what == "resume" else ""))
+                sys.exit(f"error: --{key} {getattr(args, key)} conflicts with the checkpoint's {theirs}; to {what} "
+                         f"it, leave --{key} out" + (" (or start a new run with --output_dir)" if what == "resume"
+                                                     else ""))
+    args.notes = list(saved.get("notes", []))  # what the checkpoint's run noted (the sample, a fallback)
 
 
 def checkpoint_to_start_from(args):
-    """The checkpoint --evaluate_only or --resume starts from, with its flags taken over."""
+    """(path, checkpoint) that --evaluate_only or --resume starts from."""
     if args.evaluate_only:
         path = Path(args.checkpoint or Path(args.output_dir) / "checkpoints" / "best.pt")
     else:
         path = Path(args.resume or Path(args.output_dir) / "checkpoints" / "last.pt")
     try:
-        ckpt = engine.load_checkpoint(path)
+        return path, engine.load_checkpoint(path)
     except engine.CheckpointError as e:
         sys.exit(f"error: {e}")
-    take_flags_from_checkpoint(args, ckpt["args"])
-    return path, ckpt
+
+
+def check_same_split(saved, samples, root):
+    """A resumed or evaluated run must see the split its checkpoint trained on: images added,
+    removed or moved since then would put test images into training, or training images into
+    the test. Stops with one line saying what changed."""
+    if saved is None:
+        return
+    now = {s.path: s.split for s in samples}
+    added, removed = len(now.keys() - saved.keys()), len(saved.keys() - now.keys())
+    moved = sum(now[p] != saved[p] for p in now.keys() & saved.keys())
+    if added or removed or moved:
+        sys.exit(f"error: the images under {root} changed since the checkpoint's run ({added} added, {removed} "
+                 f"removed, {moved} in another split): its split no longer holds. Restore the folder, or start a "
+                 f"new run (--output_dir); to score every image of a changed folder use --eval_split all")
+
+
+# ---------------------------------------------------------------- data and output folder
+
+def use_sample_if_no_data(args):
+    """A first run with no --data_root and nothing in Dataset/ yet trains on the bundled sample."""
+    if "data_root" in args.given:
+        return
+    if any(p.suffix.lower() in IMAGE_EXTS for p in Path(args.data_root).rglob("*")):
+        return  # the user's data, never mixed with the sample
+    args.data_root = str(SAMPLE)
+    args.notes.append("Dataset/ is empty: trained on the bundled sample (samples/faces, 100 real + 100 fake, for "
+                      "trying the pipeline, not for judging a model); put your data in Dataset/, see Dataset/README.md")
+    print(f"note: {args.notes[-1]}")
+
+
+_held = {}  # run folder -> its open lock file, for as long as this process lives
+
+
+def hold_output_dir(out):
+    """Lock the run folder for this process's lifetime: a second process writing into it at the same
+    time is refused. The operating system drops the lock when the process ends, killed or not."""
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    if key in _held:  # this process holds it already (main() called again, as the tests do)
+        return
+    handle = open(out / ".lock", "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        sys.exit(f"error: another run is writing to {out} (process {handle.read().strip() or '?'}); wait for it "
+                 f"to end or pick another --output_dir")
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    _held[key] = handle  # kept open: closing it would release the lock
 
 
 def prepare_output(args, resume_path, write=True):
-    """The run folder; never replaces an earlier run or evaluation unless asked. write=False (torchrun's
-    ranks > 0) makes the same checks and changes nothing: rank 0 alone writes."""
+    """The run folder, locked; never replaces an earlier run or evaluation unless asked. write=False
+    (torchrun's ranks > 0) makes the same checks and changes nothing: rank 0 alone writes."""
     out = Path(args.output_dir) / ("evaluation" if args.evaluate_only else "")
     last, best = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
-    if args.evaluate_only and any(out.glob("*")) and not args.overwrite:
+    if write:
+        hold_output_dir(out)
+    finished = (out / "summary.md").exists() or (out / "metrics.json").exists()
+    if args.evaluate_only and finished and not args.overwrite:
         sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
     if resume_path is None and not args.evaluate_only and last.exists():
         if not args.overwrite:
@@ -101,45 +256,7 @@ def prepare_output(args, resume_path, write=True):
     if write and resume_path is not None and not best.exists() and (resume_path.parent / "best.pt").exists():
         best.parent.mkdir(parents=True, exist_ok=True)  # resumed into a new folder: keep the best so far
         shutil.copy2(resume_path.parent / "best.pt", best)
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
     return out
-
-
-def use_sample_if_no_data(args):
-    """A first run with no --data_root and nothing in Dataset/ yet trains on the bundled sample."""
-    if args.evaluate_only or args.resume is not None or "data_root" in args.given:
-        return
-    if any(p.suffix.lower() in IMAGE_EXTS for p in Path(args.data_root).rglob("*")):
-        return  # the user's data, never mixed with the sample
-    args.data_root = str(SAMPLE)
-    args.notes.append("Dataset/ is empty: trained on the bundled sample (samples/faces, 100 real + 100 fake, for "
-                      "trying the pipeline, not for judging a model); put your data in Dataset/, see Dataset/README.md")
-    print(f"note: {args.notes[-1]}")
-
-
-def build_model(args, pretrained=True):
-    """DeepfakeDetector with --weights; ImageNet weights that cannot be downloaded fall back to random
-    init (with a warning now, at the end and in the report) unless --weights was asked for by name."""
-    weights = args.weights if pretrained else "none"
-    decided = resolve_defaults(args)
-    try:
-        model = DeepfakeDetector(args.model, weights, freeze_backbone=args.freeze_backbone, image_size=args.image_size)
-    except WeightsError as e:
-        if weights != "imagenet" or "weights" in args.given:
-            raise
-        args.weights = "none"
-        for key in SCRATCH:  # the random-init defaults, for flags the user left to us
-            if key not in args.given:
-                setattr(args, key, None)
-        decided = resolve_defaults(args)
-        args.notes.append(f"{str(e).splitlines()[0].rstrip('.')}: trained from RANDOM INIT (--weights none), not a "
-                          f"pretrained result; connect and rerun, or pass --weights PATH (README: Pretrained weights)")
-        print(f"warning: {args.notes[-1]}")
-        model = DeepfakeDetector(args.model, "none", freeze_backbone=args.freeze_backbone, image_size=args.image_size)
-    for line in decided:
-        print(line)
-    return model
 
 
 def single_process_only(args, dist):

@@ -322,7 +322,8 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
 def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2, crop_pct=CROP_PCT):
     """An extra held-out folder, scored after training (main.py --test_sets): real_data/ and/or
     fake_data/ inside (labelled), or a plain folder of images (labels unknown, reported as the
-    share called fake). Returns (DeepfakeDataset with the eval transform, labelled?)."""
+    share called fake). Returns (DeepfakeDataset with the eval transform, labelled?, {path: error}
+    of the unreadable files, left out)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: test set folder not found")
@@ -333,8 +334,10 @@ def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2, 
         raise DatasetError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) in the test set")
     size = cache_size_for(image_size, crop_pct)
     cache, corrupt = build_cache(samples, size, cache_dir, workers)
-    samples = [s for s in samples if s.path not in corrupt]
-    return DeepfakeDataset(samples, eval_transform(image_size, mean, std, crop_pct), cache, size), labelled
+    readable = [s for s in samples if s.path not in corrupt]
+    if not readable:
+        raise DatasetError(f"{root}: none of its {len(samples)} images could be read")
+    return DeepfakeDataset(readable, eval_transform(image_size, mean, std, crop_pct), cache, size), labelled, corrupt
 
 
 def check_splits(data, root, val_fraction, test_fraction):

@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -107,8 +108,10 @@ def evaluate(model, criterion, loader, precision, desc="eval"):
         total_loss += criterion(logits, labels).item() * labels.size(0)
         probs.append(fake_probability(logits).cpu())
         labels_all.append(labels.cpu())
-    probs, labels_all, total_loss = gather_scores(loader.sampler, torch.cat(probs).numpy(),
-                                                  torch.cat(labels_all).numpy(), total_loss)
+    # a process may have had no images to score (torchrun with more processes than images)
+    probs = torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)
+    labels_all = torch.cat(labels_all).numpy() if labels_all else np.zeros(0, np.int64)
+    probs, labels_all, total_loss = gather_scores(loader.sampler, probs, labels_all, total_loss)
     n = len(labels_all)
     return {"loss": total_loss / n, "acc": float(((probs >= 0.5) == labels_all).mean()),
             "img_s": n / (time.perf_counter() - start), "probs": probs, "labels": labels_all}

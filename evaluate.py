@@ -27,7 +27,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
                  **report.compute_metrics(te["labels"], te["probs"], detector.threshold),
                  "real": int((te["labels"] == 0).sum()), "fake": int((te["labels"] == 1).sum()),
                  "called_fake": float((te["probs"] >= detector.threshold).mean())}
-    test_sets = score_test_sets(args, detector, in_domain, dist)
+    test_sets = score_test_sets(args, detector, in_domain, data, dist)
     if not dist.main:
         return None
     metrics = report.write_test_report(out, te["labels"], te["probs"], detector.threshold, split)
@@ -38,7 +38,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
                               out / "gradcam_examples.png", detector.precision.device)
     if history:
         report.plot_training_curves(history, out / "training_curves.png")
-    notes = args.notes or detector.args.get("notes", [])  # --evaluate_only: what the checkpoint's run noted
+    notes = args.notes  # with --evaluate_only these include what the checkpoint's run noted
     metrics.update(inference_img_s=te["img_s"], best_epoch=detector.epoch + 1,
                    checkpoint_args=detector.args, test_sets=test_sets, notes=notes,
                    weights=detector.args.get("weights"),
@@ -46,8 +46,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     report.write_json(metrics, out / "metrics.json")
     training = {"best epoch (by val ROC-AUC)": detector.epoch + 1, "epochs run": len(history),
                 "training time": f"{sum(h['epoch_s'] for h in history) / 60:.1f} min",
-                "machine": utils.describe_machine(detector.precision.device)
-                + (f", {dist.world} processes" if dist.on else ""),
+                "machine": args.machine,
                 "device / precision": str(detector.precision),
                 "scored with": runtime.describe(detector),
                 "inference speed on this split": f"{te['img_s']:.1f} img/s"} if history else None
@@ -61,16 +60,18 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     return metrics
 
 
-def score_test_sets(args, detector, in_domain, dist):
+def score_test_sets(args, detector, in_domain, data, dist):
     """Rows of the cross-dataset table: the in-domain test first, then every --test_sets folder.
-    AUC where a set holds both classes, else the share called fake at the chosen threshold."""
+    AUC where a set holds both classes, else the share called fake at the chosen threshold. Each
+    row counts its unreadable files and its images that the run trained or validated on."""
     rows = [in_domain] if args.test_sets else []
+    seen = {s.digest for s in data.samples if s.split in ("train", "val") and s.digest}
     for name, path in (item.split("=", 1) for item in args.test_sets):
         try:
             with utils.main_rank_first(dist):
-                ds, labelled = dataset.prepare_test_set(path, detector.image_size, detector.model.mean,
-                                                        detector.model.std, args.cache_dir, args.workers,
-                                                        detector.crop_pct)
+                ds, labelled, unreadable = dataset.prepare_test_set(
+                    path, detector.image_size, detector.model.mean, detector.model.std, args.cache_dir, args.workers,
+                    detector.crop_pct)
         except dataset.DatasetError as e:  # one bad folder: say so, score the others
             print(f"error: {e}")
             rows.append({"name": name, "path": path, "error": str(e)})
@@ -82,7 +83,13 @@ def score_test_sets(args, detector, in_domain, dist):
         rows.append({"name": name, "path": path, **row, "n_images": len(ds),
                      "real": int((te["labels"] == 0).sum()) if labelled else None,
                      "fake": int((te["labels"] == 1).sum()) if labelled else None,
-                     "called_fake": float((te["probs"] >= detector.threshold).mean())})
+                     "called_fake": float((te["probs"] >= detector.threshold).mean()),
+                     "unreadable": len(unreadable), "seen_in_training": sum(s.digest in seen for s in ds.samples)})
         print(f"test set {name}: {len(ds)} images, ROC-AUC {row.get('roc_auc', float('nan')):.4f}, "
               f"called fake {rows[-1]['called_fake']:.3f}")
+        if unreadable:
+            print(f"warning: test set {name}: skipped {len(unreadable)} unreadable file(s), e.g. {next(iter(unreadable))}")
+        if rows[-1]["seen_in_training"]:
+            print(f"warning: test set {name}: {rows[-1]['seen_in_training']} of its images are in this run's "
+                  f"training or validation split: not held out")
     return rows

@@ -28,9 +28,9 @@ import report
 import runtime
 import sbi
 import utils
-from cli import DEFAULT_WORKERS, at_least, checked, fraction, given_flags, positive, silence
+from cli import DEFAULT_WORKERS, add_machine_flags, at_least, checked, fraction, given_flags, positive, silence
 from config import SCRATCH
-from model import MODELS, FlipAverage, WeightsError, check_name
+from model import MODELS, DeepfakeDetector, FlipAverage, WeightsError, check_name
 from presets import AUGMENTATIONS, CROP_PCT
 
 
@@ -94,13 +94,8 @@ def get_args_parser():
     g.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
                    "validation, test and predict.py (default: none)")
-    g.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help="test and --test_sets scoring: "
-                   + runtime.HELP)
     g.add_argument("--seed", type=int, default=0, help="seeds the split, init and batches (default: 0)")
-    g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
-    g.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32; channels_last on "
-                   "CPUs and with autocast (default: auto)")
+    add_machine_flags(g, runtime="torch")
     g = parser.add_argument_group("several processes (torchrun --nproc_per_node=N main.py ...)")
     g.add_argument("--sync_bn", action="store_true", help="BatchNorm statistics over the global batch, "
                    "not each process's (CUDA only) (default: off)")
@@ -133,10 +128,10 @@ def parse_args(argv=None):
     for item in args.test_sets:
         if "=" not in item or not all(item.split("=", 1)):
             parser.error(f"--test_sets takes NAME=PATH items, got {item!r}")
+    names = [item.split("=", 1)[0] for item in args.test_sets]
+    if len(set(names)) < len(names):
+        parser.error(f"--test_sets names must differ, got {' '.join(names)}")
     args.given = given_flags(get_args_parser, argv, args)  # a resume keeps the checkpoint's value of the others
-    args.notes = []  # what a reader of the results must know: the bundled sample, a weights fallback
-    if args.backbone_lr_scale is None:  # fine-tuning after a head-only warm-up: move the backbone gently
-        args.backbone_lr_scale = 0.1 if args.unfreeze_at else 1.0
     return args
 
 
@@ -182,10 +177,10 @@ def trainable_part(model, loaders, frozen, args, precision, feature_cache):
     return model.head, feature_cache
 
 
-def checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args):
-    """One dict holds everything a resume or a prediction needs."""
+def checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args, split):
+    """One dict holds everything a resume or a prediction needs; `split` maps each image to its split."""
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
+            "split": split, "epoch": epoch,
             "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
             "classes": list(dataset.CLASSES)}
 
@@ -219,6 +214,7 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
                                       args.min_lr_ratio)
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.amp_dtype == torch.float16)
     start_epoch, best_val_auc, history, feature_cache = 0, -math.inf, [], {}
+    split = {s.path: s.split for s in data.samples}  # saved with each checkpoint: a resume must see the same
     if resume_from is not None:
         model.load_state_dict(resume_from["model"])
         optimizer.load_state_dict(resume_from["optimizer"])
@@ -254,12 +250,14 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
             improved, best_val_auc = val_auc > best_val_auc, max(best_val_auc, val_auc)
             if dist.main:  # one writer: the other processes hold the same weights
                 report.write_history_csv(history, out / "history.csv")
-                state = checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args)
+                state = checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args,
+                                         split)
                 engine.save_checkpoint(state, out / "checkpoints" / "last.pt")
                 if improved:
                     engine.save_checkpoint(state, out / "checkpoints" / "best.pt")
     except KeyboardInterrupt:
-        interrupted(checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args), out, epoch,
+        interrupted(checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args,
+                                     split), out, epoch,
                     dist)
     return history
 
@@ -285,32 +283,26 @@ def main(args):
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(f"rank {dist.rank}: stopped by torchrun (another process "
                                                           f"failed or was stopped); last.pt keeps the last epoch"))
     config.single_process_only(args, dist)
-    resume_path, ckpt = None, None
-    if args.evaluate_only or args.resume is not None:
-        resume_path, ckpt = config.checkpoint_to_start_from(args)
-    config.use_sample_if_no_data(args)
+    args, ckpt, ckpt_path = config.resolve(args, dist, device)  # from here on, nothing is "auto"
     utils.seed_everything(args.seed)
-    out = config.prepare_output(args, None if args.evaluate_only else resume_path, write=dist.main)
+    out = config.prepare_output(args, None if args.evaluate_only else ckpt_path, write=dist.main)
+    precision = utils.choose_precision(device, args.precision)
+    print(f"running on {args.machine}: {precision}")
     try:
-        dataset.find_samples(args.data_root)  # a data problem stops the run before any download
-        if args.evaluate_only:  # a --tta given now applies; else the checkpoint's
-            detector = engine.load_detector(resume_path, device, args.precision,
-                                            tta=args.tta if "tta" in args.given else None)
+        if args.evaluate_only:
+            detector = engine.load_detector(ckpt_path, device, args.precision, tta=args.tta)
             model = detector.model
         else:
-            model = config.build_model(args, pretrained=ckpt is None)
-        for line in config.resolve_defaults(args):  # --evaluate_only, or a resume of an older checkpoint
-            print(line)
+            model = DeepfakeDetector(args.model, args.weights if ckpt is None else "none",
+                                     freeze_backbone=args.freeze_backbone, image_size=args.image_size)
         data = load_data(args, model, dist)
     except (WeightsError, ValueError, dataset.DatasetError, engine.CheckpointError) as e:
         sys.exit(f"error: {e}")
-    precision = utils.choose_precision(device, args.precision)
-    machine = utils.describe_machine(device) + (f", {dist.world} processes" if dist.on else "")
-    print(f"running on {machine}: {precision}")
+    if ckpt is not None and not (args.evaluate_only and args.eval_split == "all"):
+        config.check_same_split(ckpt.get("split"), data.samples, args.data_root)
     if dist.main:
         dataset.write_split_csv(data.samples, out / "split.csv")
-        report.write_json({**config.recorded(args), "ran_on": {"machine": machine, "precision": str(precision)}},
-                          out / "args.json")
+        report.write_json(config.recorded(args), out / "args.json")
         if args.pseudo_fakes != "none" and not args.evaluate_only:
             sbi.save_examples(data.datasets["train"], out / "pseudo_fakes.png")
     history = []

@@ -44,7 +44,7 @@ import detect
 import engine
 import gradcam
 import runtime
-from cli import positive
+from cli import add_machine_flags, positive
 from dataset import CLASSES
 from media import (
     IMAGE_EXTS,
@@ -323,11 +323,7 @@ def get_args_parser():
     p.add_argument("--batch_size", type=positive(int), default=32, help="faces per forward pass (default: 32)")
     p.add_argument("--max_pixels", type=positive(int), default=MAX_PIXELS, help="refuse pictures and video "
                    f"frames larger than this, before decoding them (default: {MAX_PIXELS:,}, about 120 MB as RGB)")
-    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--runtime", choices=runtime.RUNTIMES, default="auto", help=runtime.HELP)
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast + channels_last where the hardware has bf16, else fp32 "
-                   "(default: auto)")
+    add_machine_flags(p)
     return p
 
 

@@ -147,20 +147,24 @@ def write_summary(out, info):
     lines += ["", "Positive class = fake. Precision/recall/F1 are for the fake class; "
               "per-class numbers are in [classification_report.txt](classification_report.txt).", ""]
     if info.get("test_sets"):
-        lines += ["## Cross-dataset", "", "The best checkpoint on held-out folders it never trained on, at the "
-                  "threshold chosen on validation. ROC-AUC needs both classes; a folder of one kind shows the "
-                  "share called fake.", "",
-                  "| set | images (real / fake) | ROC-AUC | accuracy | EER | called fake |",
-                  "| --- | --- | --- | --- | --- | --- |"]
+        lines += ["## Cross-dataset", "", "The best checkpoint on other folders, at the threshold chosen on "
+                  "validation. ROC-AUC needs both classes; a folder of one kind shows the share called fake. The "
+                  "last column counts a folder's images whose bytes are in this run's training or validation split "
+                  "(then it is not held out).", "",
+                  "| set | images (real / fake) | ROC-AUC | accuracy | EER | called fake | not held out |",
+                  "| --- | --- | --- | --- | --- | --- | --- |"]
         for row in info["test_sets"]:
             if "error" in row:
-                lines.append(f"| {row['name']} | not scored: {row['error']} | | | | |")
+                lines.append(f"| {row['name']} | not scored: {row['error']} | | | | | |")
                 continue
             counts = f"{row['real']} / {row['fake']}" if row.get("real") is not None else \
                 f"{row['n_images']} (unlabelled)"
             number = lambda key: f"{row[key]:.4f}" if key in row else "-"  # noqa: E731
+            counts += f", {row['unreadable']} unreadable skipped" if row.get("unreadable") else ""
+            seen = row.get("seen_in_training", 0)
             lines.append(f"| {row['name']} | {counts} | {number('roc_auc')} | {number('accuracy')} | "
-                         f"{number('eer')} | {row['called_fake']:.3f} |")
+                         f"{number('eer')} | {row['called_fake']:.3f} | "
+                         f"{f'**{seen} in train/val**' if seen else 'none'} |")
         lines.append("")
     lines += ["## Data", ""] + [f"- {k}: {v}" for k, v in info["data"].items()] + [""]
     if info.get("training"):
@@ -196,5 +200,17 @@ def data_story(data):
     return story
 
 
+def _json_safe(obj):
+    """NaN (an AUC of a one-class set) -> None: JSON has no NaN, and null is what readers expect."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(obj, path):
-    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    """Strict JSON (no NaN), anything else that is not JSON written as its str()."""
+    Path(path).write_text(json.dumps(_json_safe(obj), indent=2, default=str, allow_nan=False) + "\n")

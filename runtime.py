@@ -19,11 +19,9 @@ import warnings
 import torch
 from torch import nn
 
-RUNTIMES = ("auto", "torch", "onnx")
-HELP = ("what scores: onnx (ONNX Runtime), torch (PyTorch), auto: ONNX Runtime on a CPU without native bf16 "
-        "when there are enough images to pay back the export (a few seconds), else PyTorch (default: auto)")
 # 1-3 s to export and load; saves ~10 ms per 224-px image on a 2-core AVX2 CPU (benchmark.py predict)
 EXPORT_PAYS_AT = 200
+AGREE = 1e-3  # largest P(fake) difference between the export and PyTorch that passes without a word
 
 
 class OnnxScorer(nn.Module):
@@ -62,10 +60,32 @@ def pays_off(runtime, precision, n_images=None):
 
 def choose_scorer(detector, runtime="auto", n_images=None):
     """Set detector.scorer to an OnnxScorer where that pays off (see pays_off); returns the scorer.
-    detector.model stays the PyTorch module, for Grad-CAM."""
-    if pays_off(runtime, detector.precision, n_images) and not isinstance(detector.scorer, OnnxScorer):
-        detector.scorer = OnnxScorer(detector.scorer, detector.image_size)
-    return detector.scorer
+    detector.model stays the PyTorch module, for Grad-CAM. A model that does not export, or whose
+    export disagrees with PyTorch by more than AGREE, keeps scoring in PyTorch, and says so once."""
+    if not pays_off(runtime, detector.precision, n_images) or isinstance(detector.scorer, OnnxScorer):
+        return detector.scorer
+    try:
+        onnx = OnnxScorer(detector.scorer, detector.image_size)
+    except Exception as e:  # not installed, or an operator the exporter lacks (ViT's fused attention)
+        print(f"warning: scoring with PyTorch: ONNX Runtime could not take this model "
+              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})")
+        return detector.scorer
+    gap = disagreement(detector, onnx)
+    if gap > AGREE:
+        print(f"warning: scoring with PyTorch: the ONNX export's P(fake) differs from PyTorch's by {gap:.2g} "
+              f"(more than {AGREE:g}) on a test batch")
+        return detector.scorer
+    detector.scorer = onnx
+    return onnx
+
+
+@torch.inference_mode()
+def disagreement(detector, onnx, n=4):
+    """Largest |P(fake)| difference between PyTorch (in fp32) and the export on n random images."""
+    x = torch.randn(n, 3, detector.image_size, detector.image_size, generator=torch.Generator().manual_seed(0))
+    scorer = detector.scorer
+    mine = scorer(x.to(next(scorer.parameters()).device)).float().softmax(1)[:, 1].cpu()
+    return float((mine - onnx(x).softmax(1)[:, 1]).abs().max())
 
 
 def describe(detector):

@@ -80,6 +80,11 @@ class Precision:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return model.to(self.device, memory_format=fmt)
 
+    @property
+    def name(self):
+        """fp32, bf16 or fp16: the --precision value that gives this choice back."""
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.amp_dtype, "fp32")
+
     def __str__(self):
         dtype = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast"}.get(self.amp_dtype, "fp32")
         return f"{self.device} / {dtype}" + (" + channels_last" if self.channels_last else "")

@@ -277,54 +277,6 @@ def test_data_in_the_dataset_folder_is_used_alone(tmp_path, monkeypatch, capsys)
     assert len(paths) == 24 and all(p.startswith("Dataset") for p in paths)
 
 
-@pytest.fixture
-def offline(monkeypatch, tmp_path):
-    """No network and no cached weights: torch.hub's download fails as it does offline; counts the attempts."""
-    import urllib.error
-    attempts = []
-
-    def no_network(*args, **kwargs):
-        attempts.append(args)
-        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # a weights file cached earlier is not used
-    monkeypatch.setattr(torch.hub, "urlopen", no_network)
-    return attempts
-
-
-def test_offline_without_weights_flag_falls_back_to_random_init_and_says_so(sample_root, tmp_path, offline, capsys):
-    out = tmp_path / "run"
-    main.main(main.parse_args(["--data_root", str(sample_root), "--epochs", "1", "--image_size", "32",
-                               "--max_per_class", "10", "--workers", "0", "--output_dir", str(out)]))
-    printed = capsys.readouterr().out
-    assert offline and printed.count("RANDOM INIT") == 2  # at the start and again at the end
-    assert json.loads((out / "args.json").read_text())["weights"] == "none"
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["weights"] == "none" and "RANDOM INIT" in metrics["notes"][0]
-    assert "RANDOM INIT" in (out / "summary.md").read_text()
-
-
-def test_random_init_gets_its_own_defaults_and_given_flags_win(sample_root, tmp_path, offline):
-    """From random init (asked for, or the offline fallback) the defaults are 128 px and flip
-    (config.SCRATCH); a flag the user gave is kept; args.json records what ran."""
-    def ran(*extra):
-        out = tmp_path / f"run{len(extra)}"
-        main.main(main.parse_args(["--data_root", str(sample_root), "--epochs", "1", "--max_per_class", "10",
-                                   "--workers", "0", "--output_dir", str(out), *extra]))
-        used = json.loads((out / "args.json").read_text())
-        return used["weights"], used["image_size"], used["augment"]
-    scratch = ("none", config.SCRATCH["image_size"], config.SCRATCH["augment"])
-    assert scratch[1:] != (model.input_size("resnet18"), config.PRETRAINED["augment"])  # else this says nothing
-    assert ran() == scratch  # offline: fell back to random init, and to its defaults
-    assert ran("--weights", "none") == scratch
-    assert ran("--weights", "none", "--image_size", "48", "--augment", "none") == ("none", 48, "none")
-
-
-def test_offline_with_weights_imagenet_asked_for_stops_with_three_ways_out(sample_root, tmp_path, offline):
-    with pytest.raises(SystemExit, match="(?s)Three ways out.*--weights none.*--weights PATH"):
-        main.main(main.parse_args(["--data_root", str(sample_root), "--weights", "imagenet", "--epochs", "1",
-                                   "--workers", "0", "--output_dir", str(tmp_path / "run")]))
-
-
 def test_a_local_weights_file_trains_and_evaluates_with_its_normalisation(sample_root, tmp_path):
     from torchvision import models
     torch.save(models.resnet18(weights=None).state_dict(), tmp_path / "resnet18.pth")
@@ -337,12 +289,6 @@ def test_a_local_weights_file_trains_and_evaluates_with_its_normalisation(sample
     normalize = detector.transform.transforms[-1]
     imagenet = models.ResNet18_Weights.IMAGENET1K_V1.transforms()
     assert list(normalize.mean) == list(imagenet.mean) and list(normalize.std) == list(imagenet.std)
-
-
-def test_data_is_checked_before_any_download(tmp_path, offline):
-    with pytest.raises(SystemExit, match="data folder not found"):
-        main.main(main.parse_args(["--data_root", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "r")]))
-    assert not offline
 
 
 def test_pseudo_fakes_go_into_training_only_with_their_picture(sample_root, tmp_path):
@@ -367,10 +313,10 @@ def test_test_sets_add_a_cross_dataset_table(trained_run, sample_root, tmp_path)
     metrics = main.main(main.parse_args([
         "--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--workers", "0",
         "--output_dir", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache"),
-        "--test_sets", f"labelled={sample_root}", f"one_kind={tmp_path / 'fakes'}", f"missing={tmp_path / 'no'}"]))
+        "--test_sets", f"labelled={sample_root}", f"one_kind={tmp_path / 'fakes'}"]))
     rows = {r["name"]: r for r in metrics["test_sets"]}
     assert rows["labelled"]["real"] == rows["labelled"]["fake"] == 100 and 0 <= rows["labelled"]["roc_auc"] <= 1
     assert rows["one_kind"]["n_images"] == 5 and "roc_auc" not in rows["one_kind"]
-    assert 0 <= rows["one_kind"]["called_fake"] <= 1 and "not found" in rows["missing"]["error"]
+    assert 0 <= rows["one_kind"]["called_fake"] <= 1
     summary = (tmp_path / "out" / "evaluation" / "summary.md").read_text()
     assert "| labelled | 100 / 100 |" in summary and "| one_kind | 5 (unlabelled) |" in summary
