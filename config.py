@@ -34,16 +34,16 @@ PRETRAINED = {"augment": "blur_jpeg"}
 OFFLINE_MODEL = "efficientnet_lite0"
 SAMPLE = Path(__file__).resolve().parent / "samples" / "faces"
 
-# Flags about this very run: never taken from a checkpoint.
-OWN = {"resume", "evaluate_only", "checkpoint", "eval_split", "overwrite", "runtime", "machine", "notes"}
+# Flags about this very run and machine: never taken from a checkpoint.
+OWN = {"resume", "evaluate_only", "checkpoint", "eval_split", "overwrite", "device", "runtime", "machine", "notes"}
 # A resume takes every other flag from its checkpoint unless the command line gives it again; these
 # may then differ (the change is printed). Any other difference would change the model, the data
 # split or the batches, so the resume is refused instead.
-RESUME_MAY_CHANGE = {"epochs", "workers", "device", "precision", "cache_dir", "output_dir", "test_sets"}
+RESUME_MAY_CHANGE = {"epochs", "workers", "precision", "cache_dir", "output_dir", "test_sets"}
 # An evaluation takes what was trained (model, weights, split, recipe) from its checkpoint; it may
 # score in other batches or with test-time augmentation. Where and how it runs is its own.
 EVALUATION_MAY_CHANGE = {"batch_size", "tta"}
-EVALUATION_OWN = {"device", "precision", "workers", "cache_dir", "test_sets", "output_dir"}
+EVALUATION_OWN = {"precision", "workers", "cache_dir", "test_sets", "output_dir"}
 
 # ---------------------------------------------------------------- the one resolution step
 
@@ -61,8 +61,6 @@ def resolve(args, dist, device):
         choose_weights(args)
     for line in fill_defaults(args):
         print(line)
-    if args.backbone_lr_scale is None:  # fine-tuning after a head-only warm-up: move the backbone gently
-        args.backbone_lr_scale = 0.1 if args.unfreeze_at else 1.0
     precision = utils.choose_precision(device, args.precision)
     args.device, args.precision = str(device), precision.name
     args.machine = utils.describe_machine(device) + (f", {dist.world} processes" if dist.on else "")
@@ -83,8 +81,10 @@ def check_inputs(args):
 
 
 def fill_defaults(args):
-    """Fill in the defaults that depend on the weights; a given (or checkpointed) value is kept.
-    Returns what was decided, one line each, for printing."""
+    """Fill in the defaults that depend on other flags; a given (or checkpointed) value is kept.
+    Returns what was decided about the weights, one line each, for printing."""
+    if args.backbone_lr_scale is None:  # fine-tuning after a head-only warm-up: move the backbone gently
+        args.backbone_lr_scale = 0.1 if args.unfreeze_at else 1.0
     scratch = args.weights == "none"
     defaults = SCRATCH if scratch else {**PRETRAINED, "image_size": model.input_size(args.model)}
     decided = []

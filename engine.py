@@ -112,8 +112,8 @@ def evaluate(model, criterion, loader, precision, desc="eval"):
     probs = torch.cat(probs).numpy() if probs else np.zeros(0, np.float32)
     labels_all = torch.cat(labels_all).numpy() if labels_all else np.zeros(0, np.int64)
     probs, labels_all, total_loss = gather_scores(loader.sampler, probs, labels_all, total_loss)
-    n = len(labels_all)
-    return {"loss": total_loss / n, "acc": float(((probs >= 0.5) == labels_all).mean()),
+    n = max(len(labels_all), 1)  # an empty set gives empty arrays, not a division by zero
+    return {"loss": total_loss / n, "acc": float(((probs >= 0.5) == labels_all).sum() / n),
             "img_s": n / (time.perf_counter() - start), "probs": probs, "labels": labels_all}
 
 

