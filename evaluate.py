@@ -88,7 +88,8 @@ def score_test_sets(args, detector, in_domain, data, dist):
         print(f"test set {name}: {len(ds)} images, ROC-AUC {row.get('roc_auc', float('nan')):.4f}, "
               f"called fake {rows[-1]['called_fake']:.3f}")
         if unreadable:
-            print(f"warning: test set {name}: skipped {len(unreadable)} unreadable file(s), e.g. {next(iter(unreadable))}")
+            print(f"warning: test set {name}: skipped {len(unreadable)} unreadable file(s), "
+                  f"e.g. {next(iter(unreadable))}")
         if rows[-1]["seen_in_training"]:
             print(f"warning: test set {name}: {rows[-1]['seen_in_training']} of its images are in this run's "
                   f"training or validation split: not held out")

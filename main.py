@@ -25,7 +25,6 @@ import engine
 import evaluate
 import features
 import report
-import runtime
 import sbi
 import utils
 from cli import DEFAULT_WORKERS, add_machine_flags, at_least, checked, fraction, given_flags, positive, silence

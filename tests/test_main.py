@@ -8,10 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-import config
 import engine
 import main
-import model
 
 REPORT_FILES = ["classification_report.txt", "confusion_matrix.png", "training_curves.png", "roc_curve.png",
                 "history.csv", "metrics.json", "args.json", "split.csv", "summary.md",

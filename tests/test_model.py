@@ -11,9 +11,9 @@ from torchvision import models
 import config
 import engine
 import features
+import main
 import model as models_py
 import presets
-import main
 import utils
 from model import FIXED_SIZE, MODELS, DeepfakeDetector, WeightsError, input_size
 
