@@ -28,6 +28,7 @@ import csv
 import hashlib
 import itertools
 import json
+import re
 import shlex
 import statistics
 import subprocess
@@ -204,14 +205,36 @@ def compare(models, argv):
     return rows
 
 
+RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # it names a folder: no path separators
+
+
 def read_recipes(path):
-    """{name: [main.py flags]} from lines `name: flags` ('#' starts a comment)."""
+    """{name: [main.py flags]} from lines `name: flags` ('#' starts a comment). A bad file stops
+    with one line naming the line: no colon, a name that is no plain folder name, a name used
+    twice, an unclosed quote, or no recipe at all."""
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        sys.exit(f"error: {path}: cannot read the recipes file ({e.strerror})")
     recipes = {}
-    for line in Path(path).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, flags = line.partition(":")
-            recipes[name.strip()] = shlex.split(flags)
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, colon, flags = (part.strip() for part in line.partition(":"))
+        where = f"error: {path}, line {number}"
+        if not colon:
+            sys.exit(f"{where}: expected 'name: main.py flags', got {line!r}")
+        if not RECIPE_NAME.fullmatch(name):
+            sys.exit(f"{where}: recipe name {name!r} names a folder: use letters, digits and _ . + -")
+        if name in recipes:
+            sys.exit(f"{where}: recipe {name!r} is already defined above")
+        try:
+            recipes[name] = shlex.split(flags)
+        except ValueError as e:  # shlex: "No closing quotation"
+            sys.exit(f"{where}: {e}")
+    if not recipes:
+        sys.exit(f"error: {path}: no recipes in it (one 'name: main.py flags' per line)")
     return recipes
 
 
@@ -246,13 +269,14 @@ def recipe_row(folder):
 
 def compare_recipes(recipes_file, seeds, argv):
     """Run every recipe once per seed; write <recipes file name>.md (mean +/- std over seeds). Returns the rows."""
+    recipes = read_recipes(recipes_file)  # a bad line stops here, before any run
     shared, _ = shared_flags().parse_known_args(argv)
     out = Path(shared.output_dir)
     md = out / f"{Path(recipes_file).stem}.md"  # several recipe files can share one output folder and its runs
     if md.exists() and not shared.overwrite:
         sys.exit(f"{md} already holds a comparison; pass --overwrite to replace it, or pick another --output_dir")
     rows = {}
-    for name, flags in read_recipes(recipes_file).items():
+    for name, flags in recipes.items():
         runs = []
         for seed in seeds:
             folder = out / "recipes" / name / f"seed{seed}"

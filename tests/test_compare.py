@@ -1,4 +1,6 @@
 """compare.py: a row per model, an error row for a failing one, no silent overwrite."""
+import re
+
 import pytest
 
 import compare
@@ -81,3 +83,20 @@ def test_a_grid_started_again_keeps_its_finished_runs_and_reruns_changed_ones(sa
     recipes.write_text("a: --image_size 32 --augment none\n")  # other flags: not the same run, so it runs
     compare.compare_recipes(recipes, [0], flags)
     assert ran[-1][-3:] == ["none", "--seed", "0"]
+
+
+@pytest.mark.parametrize("text, says", [
+    ("fast --epochs 1\n", "line 1: expected 'name: main.py flags'"),
+    ("a: --epochs 1\n# note\na: --epochs 2\n", "line 3: recipe 'a' is already defined above"),
+    ("# only a comment\n\n", "no recipes in it"),
+    ("a: --data_root 'unclosed\n", "line 1: No closing quotation"),
+    ("../../escape: --epochs 1\n", "line 1: recipe name '../../escape' names a folder"),
+])
+def test_a_bad_recipes_file_stops_before_any_run_naming_the_line(tmp_path, text, says):
+    recipes = tmp_path / "r.txt"
+    recipes.write_text(text)
+    with pytest.raises(SystemExit, match=re.escape(says)):
+        compare.compare_recipes(recipes, [0], ["--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="cannot read the recipes file"):
+        compare.compare_recipes(tmp_path / "missing.txt", [0], ["--output_dir", str(tmp_path / "out")])
