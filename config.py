@@ -73,6 +73,10 @@ def check_inputs(args):
     try:
         dataset.find_samples(args.data_root)
     except dataset.DatasetError as e:
+        if args.pseudo_fakes == "sbi_only" and "fake_data" in str(e):
+            sys.exit(f"error: {e}. --pseudo_fakes sbi_only trains on real faces and their self-blends alone, but "
+                     f"validation and test measure the detector on real fakes: put some fake faces of the kind "
+                     f"you want to catch into fake_data/ (with sbi_only they are never trained on)")
         sys.exit(f"error: {e}")
     for item in args.test_sets:
         name, path = item.split("=", 1)

@@ -138,7 +138,8 @@ def sample_frames(path, n_frames=32, max_pixels=None):
 
     Decodes sequentially and keeps the wanted frames: seeking only lands on keyframes
     (often 100-250 frames apart), so it saves little and makes indices inexact.
-    Raises MediaError when the file cannot be opened or no frame decodes.
+    Raises MediaError when the file cannot be opened or no frame decodes, and after the frames
+    that did decode when fewer decode than the header announces (a truncated download).
     """
     import av  # imported here: image-only work never loads FFmpeg
     try:
@@ -164,5 +165,8 @@ def sample_frames(path, n_frames=32, max_pixels=None):
                     break  # a wrong estimated total means a few frames more or fewer: accepted
             if got == 0:
                 raise MediaError(f"{path}: no decodable frames")
+            if got < len(wanted) and stream.frames > 0:  # the header counts its frames: the data ends early
+                raise MediaError(f"{path}: only {got} of {len(wanted)} sampled frames decode (the header announces "
+                                 f"{stream.frames} frames: a truncated file?)")
     except av.FFmpegError as e:  # includes InvalidDataError for random bytes / truncation
         raise MediaError(f"{path}: {e}") from e

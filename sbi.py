@@ -31,6 +31,7 @@ from torchvision.transforms.v2 import functional as F
 from detect import load_landmarks
 
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # the paper's mask strengths: mostly a full blend
+GRAY_SPREAD = 2  # largest channel difference (of 255) of a picture taken as grayscale (JPEG leaves a little)
 
 
 # ---------------------------------------------------------------- face geometry, once per image
@@ -86,8 +87,11 @@ def face_mask(size, geometry, rng):
 def alter_look(img, rng):
     """(3, H, W) uint8 -> the same picture in other colours and sharpness."""
     out = img
+    # A grayscale picture (RGB channels alike) gets the same shift in every channel: tinting it
+    # would make every pseudo-fake differ from the reals by colour alone, a shortcut to learn.
+    gray = int((img.max(0).values.int() - img.min(0).values.int()).max()) <= GRAY_SPREAD
     if rng.random() < 0.7:  # colour: per-channel shift, hue, saturation, brightness, contrast
-        shift = torch.tensor(rng.uniform(-20, 20, 3), dtype=torch.float32).view(3, 1, 1)
+        shift = torch.tensor(rng.uniform(-20, 20, 1 if gray else 3), dtype=torch.float32).expand(3).view(3, 1, 1)
         out = (out.float() + shift).clamp(0, 255).round().to(torch.uint8)
         out = F.adjust_hue(out, rng.uniform(-0.03, 0.03))
         out = F.adjust_saturation(out, rng.uniform(0.8, 1.2))

@@ -123,3 +123,10 @@ def test_test_set_names_must_differ(capsys):
     with pytest.raises(SystemExit):
         main.parse_args(["--test_sets", "a=x", "a=y"])
     assert "names must differ" in capsys.readouterr().err
+
+
+def test_self_blends_alone_still_need_fakes_to_measure_and_say_so(sample_root, tmp_path):
+    import shutil
+    shutil.copytree(sample_root / "real_data", tmp_path / "reals" / "real_data")
+    with pytest.raises(SystemExit, match="sbi_only trains on real faces and their self-blends alone.*fake_data/"):
+        run(tmp_path / "reals", tmp_path / "run", "--weights", "none", "--pseudo_fakes", "sbi_only")

@@ -180,3 +180,22 @@ def test_degenerate_and_oversized_pictures(ckpt, tmp_path):
     assert sliver["label"] == predict.NO_FACE and sliver["faces"] == 0
     [(path, message)] = out["errors"]
     assert path.endswith("bomb.png") and "7000x7000" in message and "--max_pixels" in message
+
+
+def test_a_truncated_video_is_scored_on_what_decodes_and_says_so(ckpt, tmp_path):
+    import av
+    from conftest import face_scene
+    frames, whole = face_scene(8), tmp_path / "whole.mp4"
+    with av.open(str(whole), "w", options={"movflags": "faststart"}) as out:  # the frame index up front
+        stream = out.add_stream("mpeg4", rate=10)
+        stream.height, stream.width = frames[0].shape[:2]
+        stream.pix_fmt = "yuv420p"
+        for rgb in frames:
+            out.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        out.mux(stream.encode())
+    data = whole.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: len(data) * 6 // 10])  # a download that stopped
+    out = run_predict("--checkpoint", ckpt, "--input", tmp_path / "cut.mp4", whole, "--frames", "8")
+    cut, full = out["results"]
+    assert 1 <= cut["frames"] < 8 and "truncated" in cut["warning"] and cut["label"] in ("real", "fake")
+    assert full["frames"] == 8 and "warning" not in full

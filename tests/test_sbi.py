@@ -48,3 +48,15 @@ def test_self_blends_follow_the_torch_seed():
     a = blend(img, 0)
     torch.manual_seed(3)
     assert torch.equal(a, blend(img, 0))
+
+
+def test_grayscale_faces_stay_grayscale_so_colour_is_no_shortcut():
+    gray = torch.from_numpy(sample_face()).permute(2, 0, 1).float().mean(0).round().to(torch.uint8).expand(3, -1, -1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        blended = sbi.self_blend(gray, GEOMETRY, rng)[0].int()
+        assert (blended.max(0).values - blended.min(0).values).max() <= sbi.GRAY_SPREAD
+    colour = torch.from_numpy(sample_face()).permute(2, 0, 1)  # a colour face still gets tinted
+    tints = [sbi.alter_look(colour, np.random.default_rng(i)).float().mean((1, 2)) - colour.float().mean((1, 2))
+             for i in range(10)]
+    assert max(float(t.max() - t.min()) for t in tints) > 5
