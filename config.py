@@ -268,6 +268,9 @@ def single_process_only(args, dist):
     if dist.on and args.balance == "sampler":
         sys.exit("error: --balance sampler weighs one process's view of the data; under torchrun use "
                  "--balance oversample")
+    if dist.on and args.pseudo_fakes != "none":
+        sys.exit("error: --pseudo_fakes keeps each real face and its self-blend in one batch, which torchrun's "
+                 "DistributedSampler does not; run it in one process (python main.py)")
     if dist.on and args.unfreeze_at:
         sys.exit("error: --unfreeze_at changes which parameters train mid-run, which DistributedDataParallel "
                  "cannot follow; run it in one process (python main.py)")

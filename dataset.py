@@ -18,6 +18,7 @@ split only. Balancing (oversampling) happens after the split, on train only.
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 import warnings
@@ -31,7 +32,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import progress
 from media import IMAGE_EXTS, MediaError, crop_source, load_rgb
-from presets import CROP_PCT, cache_size_for, eval_transform, resize_square, train_transform
+from presets import (
+    CROP_PCT,
+    cache_size_for,
+    eval_transform,
+    resize_square,
+    train_transform,
+)
 
 CLASSES = ("real", "fake")  # index = label
 CLASS_DIRS = ("real_data", "fake_data")
@@ -373,6 +380,32 @@ def balanced_sampler(dataset):
     counts = Counter(dataset.targets)
     weights = torch.tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
     return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True)
+
+
+class PairedBatchSampler(torch.utils.data.Sampler):
+    """Training batches in which each real face and its self-blend travel together, as SBI
+    (Shiohara & Yamasaki, CVPR 2022) trains: identity, pose and background then no longer tell
+    real from fake, only the blending traces do. Every other image is paired with another at
+    random, so a batch holds batch_size // 2 pairs. The order comes from torch's generator,
+    which main.py seeds per epoch: a resumed run draws the same batches."""
+
+    def __init__(self, dataset, batch_size):
+        blend_of = {s.row: i for i, s in enumerate(dataset.samples) if s.pseudo}
+        self.pairs = [(i, blend_of[s.row]) for i, s in enumerate(dataset.samples)
+                      if not s.pseudo and s.label == 0 and s.row in blend_of]
+        paired = {i for pair in self.pairs for i in pair}
+        self.singles = [i for i in range(len(dataset)) if i not in paired]
+        self.per_batch = max(1, batch_size // 2)  # pairs per batch
+
+    def __iter__(self):
+        singles = [self.singles[k] for k in torch.randperm(len(self.singles)).tolist()]
+        units = self.pairs + [tuple(singles[k:k + 2]) for k in range(0, len(singles), 2)]
+        order = [units[k] for k in torch.randperm(len(units)).tolist()]
+        for k in range(0, len(order), self.per_batch):
+            yield [i for unit in order[k:k + self.per_batch] for i in unit]
+
+    def __len__(self):
+        return math.ceil((len(self.pairs) + math.ceil(len(self.singles) / 2)) / self.per_batch)
 
 
 def oversample(dataset):

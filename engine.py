@@ -120,7 +120,11 @@ def evaluate(model, criterion, loader, precision, desc="eval"):
 def make_loader(ds, batch_size, workers, dist, train=False, balance="none", seed=0):
     """Batches of `ds`. Under torchrun each process takes its share: a DistributedSampler for
     training (re-shuffled per epoch by set_epoch), every world-th image for evaluation (each
-    image scored exactly once, no padding)."""
+    image scored exactly once, no padding). A training set with self-blends keeps each real
+    face and its blend in one batch (dataset.PairedBatchSampler)."""
+    if train and ds.blend is not None and not dist.on:
+        return DataLoader(ds, batch_sampler=dataset.PairedBatchSampler(ds, batch_size), num_workers=workers,
+                          pin_memory=torch.cuda.is_available())
     if dist.on:
         sampler = DistributedSampler(ds, dist.world, dist.rank, shuffle=True, seed=seed) if train \
             else range(dist.rank, len(ds), dist.world)

@@ -169,7 +169,8 @@ def trainable_part(model, loaders, frozen, args, precision, feature_cache):
     """What this epoch trains: the model on images or, with a frozen backbone and no augmentation,
     the head alone on backbone features computed once (features.py) and kept in `feature_cache`.
     Under torchrun (a DistributedDataParallel model) always the model: its images are sharded."""
-    if not (frozen and args.augment == "none") or isinstance(model, DistributedDataParallel):
+    if not (frozen and args.augment == "none" and args.pseudo_fakes == "none") \
+            or isinstance(model, DistributedDataParallel):  # self-blends differ every epoch: nothing to cache
         return model, loaders
     if not feature_cache:
         feature_cache.update(features.feature_loaders(model.backbone, loaders, precision))

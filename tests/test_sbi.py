@@ -60,3 +60,21 @@ def test_grayscale_faces_stay_grayscale_so_colour_is_no_shortcut():
     tints = [sbi.alter_look(colour, np.random.default_rng(i)).float().mean((1, 2)) - colour.float().mean((1, 2))
              for i in range(10)]
     assert max(float(t.max() - t.min()) for t in tints) > 5
+
+
+def test_each_real_face_and_its_self_blend_share_a_batch():
+    from dataset import DeepfakeDataset, PairedBatchSampler, Sample, with_pseudo_fakes
+    samples = [Sample(f"r{i}.jpg", 0, row=i) for i in range(7)] + [Sample(f"f{i}.jpg", 1, row=7 + i) for i in range(5)]
+    train = with_pseudo_fakes(DeepfakeDataset(samples, blend=None), blend=object())
+    sampler = PairedBatchSampler(train, batch_size=6)
+    torch.manual_seed(0)
+    batches = list(sampler)
+    assert len(batches) == len(sampler) and all(len(b) <= 6 for b in batches)
+    assert sorted(i for b in batches for i in b) == list(range(len(train)))  # every image once per epoch
+    for b in batches:
+        rows = [train.samples[i] for i in b]
+        for s in rows:
+            if s.pseudo or s.label == 0:  # a real face and its blend: both here
+                assert {(r.row, r.pseudo) for r in rows} >= {(s.row, True), (s.row, False)}
+    torch.manual_seed(0)
+    assert list(sampler) == batches  # the order follows torch's seed (exact resume)
