@@ -10,8 +10,9 @@ margin and size, largest face per frame), then resized and normalized exactly li
 training cache + eval transform (engine.Detector.preprocess). --no_crop skips detection for
 inputs that already are face crops, so its scores match `main.py --evaluate_only` on them.
 
-Verdict: every face gets P(fake); a video's P(fake) is the MEAN over the faces of its
-sampled frames (--frames, evenly spaced). The label is fake when that mean >= the threshold
+Verdict: every face gets P(fake); a video's P(fake) joins the faces of its sampled frames
+(--frames, evenly spaced) by --aggregation: their mean, or the DFDC winner's confident-frames
+rule (video_score()). The label is fake when that mean >= the threshold
 stored in the checkpoint (chosen on the validation split at the EER point; 0.5 when the
 checkpoint has none, and the output says so). No face anywhere -> "uncertain (no face)".
 
@@ -60,6 +61,30 @@ from media import (
 )
 
 NO_FACE = "uncertain (no face)"
+AGGREGATIONS = {
+    "mean": "mean P(fake) over the scored faces of an input",
+    "confident": "the DFDC winner's confident-frames rule over the scored faces (predict.video_score)",
+}
+CONFIDENT = 0.8  # P(fake) above this (or below 1 - this) counts as a confident frame
+
+
+def video_score(probs, aggregation="mean"):
+    """One P(fake) from the P(fake) of a video's faces (one face: itself).
+
+    mean: their average. confident: the rule of the DFDC winner (Seferbekov, 2020): when more
+    than 40% of the faces are confidently fake (above CONFIDENT), the mean of those, since a face
+    swap often shows in some frames only; when over 90% are confidently real, the mean of those;
+    else the plain mean."""
+    probs = np.asarray(probs, dtype=np.float64)
+    if aggregation == "confident":
+        fake, real = probs[probs > CONFIDENT], probs[probs < 1 - CONFIDENT]
+        if len(fake) > len(probs) / 2.5:
+            return float(fake.mean())
+        if len(real) > 0.9 * len(probs):
+            return float(real.mean())
+    return float(probs.mean())
+
+
 CSV_COLUMNS = ["input", "kind", "row", "frame", "face", "label", "fake_probability", "threshold", "frames",
                "faces", "x0", "y0", "x1", "y1", "error"]
 
@@ -86,10 +111,11 @@ class Predictor:
     """
 
     def __init__(self, checkpoint, device="auto", precision="auto", detector="yunet", frames=32,
-                 no_crop=False, batch_size=32, max_pixels=MAX_PIXELS):
+                 no_crop=False, batch_size=32, max_pixels=MAX_PIXELS, aggregation="mean"):
         self.detector = engine.load_detector(checkpoint, device, precision)  # CheckpointError names the file
         self.model, self.threshold = self.detector.model, self.detector.threshold
         self.frames, self.no_crop, self.batch_size, self.max_pixels = frames, no_crop, batch_size, max_pixels
+        self.aggregation = aggregation
         self.detect = None if no_crop else detect.load_detector(detector)
         # one forward or Grad-CAM at a time: Grad-CAM's hooks live on the shared model
         self._model_lock, self._detect_lock = threading.Lock(), threading.Lock()
@@ -151,8 +177,8 @@ class Predictor:
             return torch.cat([self._cam(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
 
     def verdict(self, path, found, probs):
-        """The result dict of one input: label, mean P(fake), one row per face."""
-        p = float(probs.mean()) if len(probs) else None
+        """The result dict of one input: label, P(fake) (video_score of its faces), one row per face."""
+        p = video_score(probs, self.aggregation) if len(probs) else None
         rows = [dict(r, fake_probability=float(q)) for r, q in zip(found.rows, probs)]
         result = {"input": str(path), "kind": found.kind, "fake_probability": p, "threshold": self.threshold,
                   "label": self.label(p), "frames": found.frames, "faces": len(rows), "crops": found.crops,
@@ -245,7 +271,7 @@ def write_outputs(results, errors, paths, predictor, checkpoint):
             keep = [{k: v for k, v in r.items() if k not in ("crops", "gradcam")} for r in results]
             path.write_text(json.dumps({"checkpoint": str(checkpoint), "threshold": predictor.threshold,
                                         "threshold_source": predictor.detector.threshold_source,
-                                        "aggregation": "mean P(fake) over the scored faces of an input",
+                                        "aggregation": AGGREGATIONS[predictor.aggregation],
                                         "inputs": keep, "errors": [{"input": p, "error": m} for p, m in errors]},
                                        indent=2) + "\n")
         print(f"wrote {path}")
@@ -261,7 +287,7 @@ def main(args):
             sys.exit(f"{p} already exists (not empty); pass --overwrite to replace it or choose another path")
     try:
         predictor = Predictor(args.checkpoint, args.device, args.precision, args.detector, args.frames,
-                              args.no_crop, args.batch_size, args.max_pixels)
+                              args.no_crop, args.batch_size, args.max_pixels, args.aggregation)
     except (engine.CheckpointError, ImportError) as e:  # ImportError: the face detector's package is missing
         sys.exit(f"error: {e}")
     if predictor.detector.threshold_source.startswith(str(engine.DEFAULT_THRESHOLD)):
@@ -320,6 +346,9 @@ def get_args_parser():
                    "into DIR; refuses a non-empty DIR without --overwrite (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --output files and write into "
                    "a non-empty --gradcam DIR (default: off)")
+    p.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default="mean", help="a video's P(fake) from "
+                   "its faces': mean, or confident (the DFDC winner's rule: the mean of the confidently fake "
+                   "frames when there are enough of them) (default: mean)")
     p.add_argument("--batch_size", type=positive(int), default=32, help="faces per forward pass (default: 32)")
     p.add_argument("--max_pixels", type=positive(int), default=MAX_PIXELS, help="refuse pictures and video "
                    f"frames larger than this, before decoding them (default: {MAX_PIXELS:,}, about 120 MB as RGB)")

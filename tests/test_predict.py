@@ -199,3 +199,13 @@ def test_a_truncated_video_is_scored_on_what_decodes_and_says_so(ckpt, tmp_path)
     cut, full = out["results"]
     assert 1 <= cut["frames"] < 8 and "truncated" in cut["warning"] and cut["label"] in ("real", "fake")
     assert full["frames"] == 8 and "warning" not in full
+
+
+def test_video_score_rules():
+    few_confident = [0.95, 0.9, 0.92, 0.3, 0.2, 0.35, 0.3]  # 3 of 7 frames clearly fake
+    assert predict.video_score(few_confident) == pytest.approx(np.mean(few_confident))
+    assert predict.video_score(few_confident, "confident") == pytest.approx(np.mean([0.95, 0.9, 0.92]))
+    calm = [0.05] * 19 + [0.6]
+    assert predict.video_score(calm, "confident") == pytest.approx(0.05)
+    mixed = [0.5, 0.6, 0.4, 0.9]
+    assert predict.video_score(mixed, "confident") == predict.video_score(mixed) == pytest.approx(0.6)
