@@ -2,7 +2,6 @@
 import re
 
 import pytest
-
 from conftest import ROOT
 
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *ROOT.glob("*/README.md")])
