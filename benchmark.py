@@ -75,7 +75,7 @@ def images_per_s(step, loader, batches):
 def train_and_infer(ds, eval_ds, precision, workers, compiled, scoring, args):
     """(train img/s, inference img/s) of a fresh ResNet18 on `ds`, run as `precision` says, with
     `workers` loader processes, the training step under torch.compile or not, inference through
-    `scoring` ("torch", or "auto": what main.py's evaluation uses, see runtime.py)."""
+    `scoring` ("torch" or "onnx", as main.py's --runtime)."""
     torch.manual_seed(0)
     model = precision.prepare(DeepfakeDetector("resnet18", weights="none"))
     net = torch.compile(model) if compiled else model
@@ -120,13 +120,12 @@ def bench_train(args):
                                                 d.cache, d.size)
     w = args.workers
     warnings.filterwarnings("ignore", message="This DataLoader will create")  # the extra-workers row, on purpose
-    scored = "ONNX Runtime" if runtime.pays_off("auto", default) else "PyTorch"
     rows = {f"plain: decode every JPEG, fp32 NCHW, PyTorch, {w} workers": (plain, fp32, w, False, "torch"),
-            f"cache, {default}, PyTorch, {w} workers": (cached, default, w, False, "torch"),
-            f"**default**: cache, {default}, {w} workers, scored by {scored}": (cached, default, w, False, "auto"),
-            "default, 0 workers (loading in the main process)": (cached, default, 0, False, "auto"),
-            f"default, {w + 2} workers": (cached, default, w + 2, False, "auto"),
-            "default + torch.compile of the training step": (cached, default, w, True, "auto")}
+            f"**default** (main.py): cache, {default}, PyTorch, {w} workers": (cached, default, w, False, "torch"),
+            "default, scored by ONNX Runtime (main.py --runtime onnx)": (cached, default, w, False, "onnx"),
+            "default, 0 workers (loading in the main process)": (cached, default, 0, False, "torch"),
+            f"default, {w + 2} workers": (cached, default, w + 2, False, "torch"),
+            "default + torch.compile of the training step": (cached, default, w, True, "torch")}
     if args.skip_compile:
         rows.popitem()
     print(f"ResNet18 {args.image_size}px, batch {args.batch_size}, --augment {args.augment}, {len(cached)} images; "
