@@ -240,8 +240,7 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
             val_auc = report.roc_auc(val["labels"], val["probs"])
             threshold = report.eer_threshold(val["labels"], val["probs"])[0]
             history.append({"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
-                            "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val_auc,
-                            **lrs,
+                            "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val_auc, **lrs,
                             "backbone_frozen": frozen, "train_img_s": train["img_s"],
                             "epoch_s": time.perf_counter() - start})
             print(f"epoch {epoch + 1}/{args.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.4f} "
@@ -256,9 +255,8 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
                 if improved:
                     engine.save_checkpoint(state, out / "checkpoints" / "best.pt")
     except KeyboardInterrupt:
-        interrupted(checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args,
-                                     split), out, epoch,
-                    dist)
+        state = checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args, split)
+        interrupted(state, out, epoch, dist)
     return history
 
 
