@@ -71,8 +71,9 @@ def get_args_parser():
     g.add_argument("--model", default="resnet18", type=checked(check_name), metavar="NAME",
                    help=f"backbone: {', '.join(MODELS)} (efficientnet_lite0's ImageNet weights come with the "
                    f"install, the others download), or timm:NAME for any timm model (default: resnet18)")
-    g.add_argument("--weights", default="imagenet", help="imagenet (torchvision download), none (random init), "
-                   "or PATH to a backbone state_dict file (default: imagenet)")
+    g.add_argument("--weights", default="imagenet", help="imagenet (downloaded once by torchvision or timm; "
+                   "efficientnet_lite0's come with the install), none (random init), or PATH to a backbone state_dict "
+                   "file (default: imagenet)")
     g.add_argument("--freeze_backbone", action="store_true", help="train the two-class head only (default: off)")
     g.add_argument("--unfreeze_at", type=positive(int), default=None, metavar="EPOCH",
                    help="train the head only for epochs 1..EPOCH-1, then everything from EPOCH on "

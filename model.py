@@ -255,9 +255,8 @@ class DeepfakeDetector(nn.Module):
         gets no gradient and AdamW skips it, so the optimizer (and its checkpointed state)
         looks the same before and after unfreezing.
         """
-        return [{"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_scale, "name": "backbone",
-                 "lr_scale": backbone_lr_scale},
-                {"params": list(self.head.parameters()), "lr": lr, "name": "head", "lr_scale": 1.0}]
+        return [{"params": list(self.backbone.parameters()), "lr": lr * backbone_lr_scale, "name": "backbone"},
+                {"params": list(self.head.parameters()), "lr": lr, "name": "head"}]
 
     def freeze_backbone(self, frozen=True):
         for p in self.backbone.parameters():
