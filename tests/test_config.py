@@ -130,3 +130,16 @@ def test_self_blends_alone_still_need_fakes_to_measure_and_say_so(sample_root, t
     shutil.copytree(sample_root / "real_data", tmp_path / "reals" / "real_data")
     with pytest.raises(SystemExit, match="sbi_only trains on real faces and their self-blends alone.*fake_data/"):
         run(tmp_path / "reals", tmp_path / "run", "--weights", "none", "--pseudo_fakes", "sbi_only")
+
+
+def test_main_reports_the_eager_model_unless_onnx_is_asked_for(trained_run, tmp_path, monkeypatch):
+    import runtime
+    exports, real = [], runtime.OnnxScorer.__init__
+    monkeypatch.setattr(runtime.OnnxScorer, "__init__", lambda self, *a, **k: exports.append(1) or real(self, *a, **k))
+    evaluate = ["--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--workers", "0"]
+    eager = main.main(main.parse_args(evaluate + ["--output_dir", str(tmp_path / "a")]))
+    assert not exports  # the model as model.py builds it scored the test split
+    onnx = main.main(main.parse_args(evaluate + ["--output_dir", str(tmp_path / "b"), "--runtime", "onnx",
+                                                 "--precision", "fp32"]))
+    assert exports and json.loads((tmp_path / "b" / "evaluation" / "args.json").read_text())["runtime"] == "onnx"
+    assert onnx["at_0.5"]["roc_auc"] == pytest.approx(eager["at_0.5"]["roc_auc"], abs=0.02)
