@@ -4,6 +4,7 @@ main.py calls evaluate_and_report() after training and for --evaluate_only. Unde
 every process scores its share of the images and rank 0 writes the files.
 """
 import sys
+from pathlib import Path
 
 from torch import nn
 
@@ -51,7 +52,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
                 "scored with": runtime.describe(detector),
                 "inference speed on this split": f"{te['img_s']:.1f} img/s"} if history else None
     report.write_summary(out, {"title": f"{detector.args['model']} on {args.data_root}", "notes": notes,
-                               "command": "python " + " ".join(sys.argv) if sys.argv else "",
+                               "command": " ".join(["python", Path(sys.argv[0]).name, *sys.argv[1:]]),
                                "metrics": metrics, "data": report.data_story(data), "training": training,
                                "test_sets": test_sets})
     m = metrics["at_val_threshold"]
