@@ -88,8 +88,9 @@ def get_args_parser():
     g.add_argument("--warmup_epochs", type=at_least(float, 0), default=0.0, metavar="EPOCHS",
                    help="linear warm-up of the learning rate over this many epochs, step by step, before the "
                    "cosine decay (engine.lr_factor) (default: 0)")
-    g.add_argument("--min_lr_ratio", type=fraction, default=0.0, metavar="RATIO",
-                   help="the cosine decays to lr * RATIO at the last step (default: 0)")
+    g.add_argument("--min_lr_ratio", type=at_least(float, 0), default=0.0, metavar="RATIO",
+                   help="the cosine decays to lr * RATIO at the last step; 1 keeps the learning rate constant "
+                   "(default: 0)")
     g.add_argument("--weight_decay", type=at_least(float, 0), default=1e-4, help="AdamW weight decay (default: 1e-4)")
     g.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
@@ -123,6 +124,8 @@ def parse_args(argv=None):
     if args.val_fraction + args.test_fraction >= 1:
         parser.error(f"--val_fraction + --test_fraction must leave images to train on "
                      f"(got {args.val_fraction} + {args.test_fraction})")
+    if args.min_lr_ratio > 1:
+        parser.error(f"--min_lr_ratio must be at most 1 (a constant learning rate), got {args.min_lr_ratio}")
     if args.crop_pct > 1:
         parser.error(f"--crop_pct must be at most 1 (the whole image), got {args.crop_pct}")
     for item in args.test_sets:

@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def flags(sample_root, out, *extra):
+    # a constant learning rate (--min_lr_ratio 1): a run of 1 epoch extended to 2 then sees the
+    # rates a 2-epoch run sees (a cosine would stretch), so the resume test can compare weights
     return ["--data_root", str(sample_root), "--weights", "none", "--image_size", "32", "--max_per_class", "20",
-            "--batch_size", "8", "--workers", "0", "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"),
-            *extra]
+            "--batch_size", "8", "--workers", "0", "--min_lr_ratio", "1", "--output_dir", str(out),
+            "--cache_dir", str(out.parent / "cache"), *extra]
 
 
 def torchrun(*argv, timeout=600):
