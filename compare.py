@@ -248,7 +248,7 @@ def mean_std(values):
 
 def reached(runs):
     """'mean minutes (k of n seeds)' until validation AUC first reached QUALITY; '-' if no seed did."""
-    times = [r["to_quality"] for r in runs if r["to_quality"] == r["to_quality"]]
+    times = [r["to_quality"] for r in runs if r["to_quality"] is not None]
     return f"{statistics.mean(times):.1f} ({len(times)} of {len(runs)})" if times else "-"
 
 
@@ -261,7 +261,7 @@ def recipe_row(folder):
     elapsed = itertools.accumulate(float(h["epoch_s"]) / 60 for h in history)
     hits = [m for h, m in zip(history, elapsed) if float(h["val_auc"]) >= QUALITY]
     return {"val_auc": float(best["val_auc"]), "test_auc": metrics["at_val_threshold"]["roc_auc"],
-            "to_quality": hits[0] if hits else float("nan"),
+            "to_quality": hits[0] if hits else None,  # None: validation never reached QUALITY
             "sets": {r["name"]: r.get("roc_auc", float("nan")) for r in metrics.get("test_sets", [])[1:]},
             "minutes": sum(float(h["epoch_s"]) for h in history) / 60,
             "img_s": statistics.mean(float(h["train_img_s"]) for h in history)}

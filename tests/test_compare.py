@@ -100,3 +100,16 @@ def test_a_bad_recipes_file_stops_before_any_run_naming_the_line(tmp_path, text,
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="cannot read the recipes file"):
         compare.compare_recipes(tmp_path / "missing.txt", [0], ["--output_dir", str(tmp_path / "out")])
+
+
+def test_time_to_quality_is_the_training_time_until_validation_first_reaches_it(tmp_path):
+    import json
+    for name, aucs in (("fast", [0.8, 0.91, 0.95]), ("never", [0.7, 0.8, 0.85])):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [f"{e + 1},{auc},90" for e, auc in enumerate(aucs)]
+        (run / "history.csv").write_text("epoch,val_auc,epoch_s,train_img_s\n" + "\n".join(r + ",20" for r in rows))
+        (run / "metrics.json").write_text(json.dumps({"best_epoch": 3, "at_val_threshold": {"roc_auc": 0.9}}))
+    fast, never = compare.recipe_row(tmp_path / "fast"), compare.recipe_row(tmp_path / "never")
+    assert compare.QUALITY == 0.90 and fast["to_quality"] == pytest.approx(3.0) and never["to_quality"] is None
+    assert compare.reached([fast, never]) == "3.0 (1 of 2)" and compare.reached([never]) == "-"
