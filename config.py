@@ -32,6 +32,7 @@ PRETRAINED = {"augment": "blur_jpeg"}
 # --weights: the backbone whose ImageNet weights come with the install. It beats ResNet18 from random
 # init by a wide margin on the shared faces (docs/experiments.md, "Pretrained backbone").
 OFFLINE_MODEL = "efficientnet_lite0"
+WEIGHTS_DOC = "docs/training.md, 'Pretrained weights and offline use'"
 SAMPLE = Path(__file__).resolve().parent / "samples" / "faces"
 
 # Flags about this very run and machine: never taken from a checkpoint.
@@ -117,14 +118,14 @@ def choose_weights(args):
             args.model = OFFLINE_MODEL
             args.notes.append(f"{why}: trained {OFFLINE_MODEL} with the ImageNet weights that come with the "
                               f"install instead of resnet18 (the better of the two offline choices); connect and "
-                              f"rerun for ResNet18, or pass --model (README: Pretrained weights)")
+                              f"rerun for ResNet18, or pass --model (see {WEIGHTS_DOC})")
             print(f"warning: {args.notes[-1]}")
             return
         except model.WeightsError:
             pass
     args.weights = "none"
     args.notes.append(f"{why}: trained from RANDOM INIT (--weights none), not a pretrained result; connect and "
-                      f"rerun, or pass --weights PATH or --model {OFFLINE_MODEL} (README: Pretrained weights)")
+                      f"rerun, or pass --weights PATH or --model {OFFLINE_MODEL} (see {WEIGHTS_DOC})")
     print(f"warning: {args.notes[-1]}")
 
 
