@@ -50,6 +50,11 @@ def fraction(text):
     return value
 
 
+def one_line(e):
+    """'TypeName: first line of the message' of an exception, short enough for a one-line error."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}".rstrip(": ")
+
+
 def checked(fn):
     """argparse type from a function that raises ValueError with a message: argparse shows that message."""
     def check(text):

@@ -19,6 +19,8 @@ from torch import nn
 from torchvision import models
 from torchvision.models import vision_transformer
 
+from cli import one_line
+
 # name -> (builder, ImageNet weights). Every entry's classifier ends in an nn.Linear, and
 # that last Linear is what gets replaced (see _last_linear). Where the classifier holds more
 # than that Linear, the rest stays in the backbone as pretrained feature layers:
@@ -85,11 +87,6 @@ class WeightsError(RuntimeError):
     """Pretrained weights could not be loaded; the message lists the ways out."""
 
 
-def _why(e):
-    """'TypeName: first line of the message', short enough for a one-line error."""
-    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]}".rstrip(": ")
-
-
 def _last_linear(net):
     """(parent module, attribute name, layer) of the network's final nn.Linear."""
     name = [n for n, m in net.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -105,7 +102,7 @@ def _read_state_dict(path, what):
         raise WeightsError(f"{path}: weights file not found; use --weights imagenet|none|PATH") from None
     except Exception as e:  # torch's text for an unsafe pickle advises weights_only=False: never pass that on
         why = ("it holds Python objects, not only tensors, and is not loaded for safety" if "weights_only" in str(e)
-               else _why(e))
+               else one_line(e))
         raise WeightsError(f"{path}: not {what} ({why})") from None
 
 
@@ -145,7 +142,7 @@ def imagenet_network(name, weights="imagenet"):
             try:
                 net.load_state_dict(state)
             except RuntimeError as e:
-                raise WeightsError(f"{weights}: not an ImageNet {name} state_dict ({_why(e)}); "
+                raise WeightsError(f"{weights}: not an ImageNet {name} state_dict ({one_line(e)}); "
                                    f"download {enum.url} or use --weights none") from None
             return net
         source, build = enum.url, lambda: builder(weights=enum)
@@ -158,13 +155,13 @@ def imagenet_network(name, weights="imagenet"):
             try:
                 return timm.create_model(_timm_name(name), pretrained=True, pretrained_cfg_overlay=overlay)
             except Exception as e:
-                raise WeightsError(f"{weights}: not a timm {name[len(TIMM):]} state_dict ({_why(e)})") from None
+                raise WeightsError(f"{weights}: not a timm {name[len(TIMM):]} state_dict ({one_line(e)})") from None
         build = lambda: timm.create_model(_timm_name(name), pretrained=True)  # noqa: E731
     try:
         return build()
     except Exception as e:  # URLError, socket timeout, hash mismatch, hub offline...: all mean "no weights"
         raise WeightsError(
-            f"could not download ImageNet weights for {name} ({_why(e)}).\n"
+            f"could not download ImageNet weights for {name} ({one_line(e)}).\n"
             f"Ways out:\n"
             f"  1. connect to the internet and run again (the file is cached after one download);\n"
             f"  2. --model efficientnet_lite0: ImageNet weights that come with the install, no download;\n"

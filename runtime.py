@@ -19,6 +19,8 @@ import warnings
 import torch
 from torch import nn
 
+from cli import one_line
+
 # 1-3 s to export and load; saves ~10 ms per 224-px image on a 2-core AVX2 CPU (benchmark.py predict)
 EXPORT_PAYS_AT = 200
 AGREE = 1e-3  # largest P(fake) difference between the export and PyTorch that passes without a word
@@ -68,7 +70,7 @@ def choose_scorer(detector, runtime="auto", n_images=None):
         onnx = OnnxScorer(detector.scorer, detector.image_size)
     except Exception as e:  # not installed, or an operator the exporter lacks (ViT's fused attention)
         print(f"warning: scoring with PyTorch: ONNX Runtime could not take this model "
-              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:150]})")
+              f"({one_line(e)})")
         return detector.scorer
     gap = disagreement(detector, onnx)
     if gap > AGREE:
