@@ -47,7 +47,8 @@ def get_args_parser():
                    "minority images (default: none)")
     g.add_argument("--augment", choices=["auto", *AUGMENTATIONS], default="auto",
                    help="training augmentation (presets.py): none (as evaluation), flip, crop_flip, blur_jpeg (random "
-                   "crop, flip, occasional blur and JPEG, Wang et al. 2020); none with a frozen backbone trains the "
+                   "crop, flip, occasional blur and JPEG, Wang et al. 2020), compress (flip, JPEG 40-100 on half the "
+                   "images, as online video); none with a frozen backbone trains the "
                    "head on cached features (default: auto = blur_jpeg with pretrained weights, "
                    f"{SCRATCH['augment']} from random init)")
     g.add_argument("--pseudo_fakes", choices=["none", "sbi", "sbi_only"], default="none",

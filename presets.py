@@ -12,6 +12,9 @@ centre-crops at the same scale. --crop_pct 1 feeds the whole face, resized to th
     --augment blur_jpeg   random crop + flip + occasional blur and JPEG re-compression
                           (Wang et al., CVPR 2020, "CNN-generated images are surprisingly
                           easy to spot... for now": their Blur+JPEG (0.1) setting)
+    --augment compress    centre crop + flip + JPEG re-compression at the quality of online
+                          video (40-100, half the images; SBI's setting): real and fake
+                          alike, so compression is no cue, as in face-swap videos
 
 No augmentation rescales or rotates: resampling smears the pixel-level traces a generator
 leaves, which are what a detector learns from.
@@ -21,7 +24,7 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-AUGMENTATIONS = ("none", "flip", "crop_flip", "blur_jpeg")
+AUGMENTATIONS = ("none", "flip", "crop_flip", "blur_jpeg", "compress")
 CROP_PCT = 224 / 256  # input size / cached size: ImageNet's classic 224 crop of a 256 resize
 
 
@@ -45,6 +48,8 @@ def train_transform(image_size, mean, std, augment="blur_jpeg", crop_pct=CROP_PC
     if augment == "blur_jpeg":
         steps += [v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 3.0))], p=0.1),
                   v2.RandomApply([v2.JPEG(quality=(30, 100))], p=0.1)]
+    if augment == "compress":
+        steps.append(v2.RandomApply([v2.JPEG(quality=(40, 100))], p=0.5))
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
