@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import dataset
+import detect
 import engine
 import model
 import utils
@@ -70,7 +71,8 @@ def resolve(args, dist, device):
 
 
 def check_inputs(args):
-    """The data and every --test_sets folder exist, checked before anything downloads or trains."""
+    """The data, every --test_sets folder and what the self-blend mask needs, checked before anything downloads
+    or trains."""
     try:
         dataset.find_samples(args.data_root)
     except dataset.DatasetError as e:
@@ -83,6 +85,11 @@ def check_inputs(args):
         name, path = item.split("=", 1)
         if not Path(path).is_dir():
             sys.exit(f"error: --test_sets {name}={path}: folder not found")
+    if args.pseudo_fakes != "none" and args.sbi_mask == "hull" and not args.evaluate_only:
+        try:
+            detect.shape_predictor_file()
+        except ImportError as e:
+            sys.exit(f"error: --sbi_mask hull: {e}")
 
 
 def fill_defaults(args):

