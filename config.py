@@ -81,6 +81,11 @@ def check_inputs(args):
                      f"validation and test measure the detector on real fakes: put some fake faces of the kind "
                      f"you want to catch into fake_data/ (with sbi_only they are never trained on)")
         sys.exit(f"error: {e}")
+    for folder in args.train_extra:
+        try:
+            dataset.find_extra_samples(folder)
+        except dataset.DatasetError as e:
+            sys.exit(f"error: {e}")
     for item in args.test_sets:
         name, path = item.split("=", 1)
         if not Path(path).is_dir():
@@ -163,7 +168,7 @@ def take_flags_from_checkpoint(args, saved):
     except the ones the run may change (RESUME_MAY_CHANGE, EVALUATION_MAY_CHANGE), which are kept.
     """
     if args.evaluate_only:
-        own = EVALUATION_OWN | ({"data_root", "max_per_class"} if args.eval_split == "all" else set())
+        own = EVALUATION_OWN | ({"data_root", "max_per_class", "train_extra"} if args.eval_split == "all" else set())
         may_change = EVALUATION_MAY_CHANGE
     else:
         own = set() if args.resume else {"output_dir"}  # a bare --resume continues where it found last.pt

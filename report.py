@@ -191,6 +191,11 @@ def data_story(data):
              "groups of several files (video frames or copies), each kept in one split": data.multi_file_groups,
              "unreadable files skipped": len(data.corrupt),
              "files in both real_data and fake_data, left out": len(data.conflicts)}
+    extra = sum(s.extra for s in data.datasets["train"].samples)
+    if extra:
+        story["training images from --train_extra (training only)"] = extra
+    if data.dropped_extra:
+        story["--train_extra files also in val/test (same bytes or video), left out"] = data.dropped_extra
     if data.dropped_copies:
         story["val/test copies of train files removed"] = data.dropped_copies
     if data.corrupt:

@@ -158,6 +158,34 @@ def test_presplit_layout_drops_test_copies_of_train_images(tmp_path):
     assert {split: len(ds) for split, ds in data.datasets.items()} == {"train": 12, "val": 12, "test": 12}
 
 
+@pytest.mark.parametrize("presplit", [False, True])
+def test_train_extra_joins_training_only_and_leaves_the_held_out_splits_alone(pool, tmp_path, presplit):
+    root = pool
+    if presplit:
+        root = tmp_path / "presplit"
+        for split, seed in (("train", 1), ("val", 2), ("test", 3)):
+            for c, name in enumerate(dataset.CLASS_DIRS):
+                make_images(root / split / name, 6, seed * 10 + c)
+        make_images(root / "test" / "real_data", 1, 5, prefix="talk_f0000_")  # a frame of video "talk", in test
+    before = split_of(prepare(root, tmp_path))
+    extra = tmp_path / "video_reals"
+    make_images(extra / "real_data", 7, 99, prefix="clip")  # real faces only: one class is enough
+    if presplit:  # another frame of the test video: training on it would leak
+        make_images(extra / "real_data", 1, 6, prefix="talk_f0001_")
+    test_file = next(p for p, split in sorted(before.items()) if split == "test")
+    shutil.copy(test_file, extra / "real_data" / "copy_of_a_test_face.png")
+    data = prepare(root, tmp_path, train_extra=[extra])
+    after = split_of(data)
+    extras = {p: split for p, split in after.items() if p.startswith(str(extra))}
+    assert len(extras) == 7 and set(extras.values()) == {"train"}  # the copy of a test face is left out
+    assert data.dropped_extra == 1 + presplit and str(extra / "real_data" / "copy_of_a_test_face.png") not in after
+    assert {p: split for p, split in after.items() if p not in extras} == before  # same split as without them
+    train = data.datasets["train"]
+    assert sum(s.extra for s in train.samples) == 7 and all(s.label == 0 for s in train.samples if s.extra)
+    with pytest.raises(dataset.DatasetError, match="neither real_data/fake_data|class folder missing"):
+        prepare(root, tmp_path, train_extra=[tmp_path / "cache"])
+
+
 @pytest.mark.parametrize("case", ["missing_root", "missing_class", "empty_class", "wrong_layout"])
 def test_bad_layouts_name_the_path(tmp_path, case):
     root = tmp_path / "data"
