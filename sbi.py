@@ -177,20 +177,24 @@ class SelfBlend:
 # ---------------------------------------------------------------- the picture
 
 def save_examples(dataset, path, n=6, seed=0):
-    """pseudo_fakes.png: real face | mask | self-blended fake, for n real training faces."""
+    """pseudo_fakes.png: the pairs trained together, real face | mask | self-blend | what changed, for n
+    real training faces."""
     real = [s for s in dataset.samples if s.label == 0 and not s.pseudo][:n]
     rng = np.random.default_rng(seed)
-    fig, axes = plt.subplots(len(real), 3, figsize=(7.5, 2.5 * len(real)), squeeze=False)
+    fig, axes = plt.subplots(len(real), 4, figsize=(10, 2.5 * len(real)), squeeze=False)
     for ax_row, s in zip(axes, real):
         img = torch.from_numpy(np.array(dataset.cache[s.row])).permute(2, 0, 1)
         blended, mask = self_blend(img, dataset.blend.geometry[s.row], rng)
-        for ax, picture, title in zip(ax_row, (img.permute(1, 2, 0), mask, blended.permute(1, 2, 0)),
-                                      ("real", "blend mask", "self-blended (label: fake)")):
-            ax.imshow(picture, cmap="gray" if picture.dim() == 2 else None, vmin=0, vmax=1 if picture.dim() == 2
-                      else None)
+        change = (blended.float() - img.float()).abs().amax(0)
+        pictures = ((img.permute(1, 2, 0), None, "real"), (mask, (0, 1), "blend mask"),
+                    (blended.permute(1, 2, 0), None, "self-blend (label: fake)"),
+                    (change, (0, 40), "|blend - real| (white: 40+ of 255)"))
+        for ax, (picture, limits, title) in zip(ax_row, pictures):
+            ax.imshow(picture, cmap="gray" if limits else None, **dict(zip(("vmin", "vmax"), limits or ())))
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-    fig.suptitle("Pseudo-fakes: a real face blended with an altered copy of itself (sbi.py)", fontsize=10)
+    fig.suptitle("Self-blended pseudo-fakes (sbi.py): each real face and its blend are trained in the same batch",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
