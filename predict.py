@@ -11,8 +11,8 @@ training cache + eval transform (engine.Detector.preprocess). --no_crop skips de
 inputs that already are face crops, so its scores match `main.py --evaluate_only` on them.
 
 Verdict: every face gets P(fake); a video's P(fake) joins the faces of its sampled frames
-(--frames, evenly spaced) by --aggregation: their mean, or the DFDC winner's confident-frames
-rule (video_score()). The label is fake when that mean >= the threshold
+(--frames, evenly spaced) by --aggregation: the DFDC winner's confident-frames rule (default),
+or their mean (video_score()). The label is fake when that score >= the threshold
 stored in the checkpoint (chosen on the validation split at the EER point; 0.5 when the
 checkpoint has none, and the output says so). No face anywhere -> "uncertain (no face)".
 
@@ -66,9 +66,11 @@ AGGREGATIONS = {
     "confident": "the DFDC winner's confident-frames rule over the scored faces (predict.video_score)",
 }
 CONFIDENT = 0.8  # P(fake) above this (or below 1 - this) counts as a confident frame
+# measured on the labelled clips (docs/experiments.md#video-verdicts): never below the mean's clip AUC, above it twice
+DEFAULT_AGGREGATION = "confident"
 
 
-def video_score(probs, aggregation="mean"):
+def video_score(probs, aggregation):
     """One P(fake) from the P(fake) of a video's faces (one face: itself).
 
     mean: their average. confident: the rule of the DFDC winner (Seferbekov, 2020): when more
@@ -111,7 +113,7 @@ class Predictor:
     """
 
     def __init__(self, checkpoint, device="auto", precision="auto", detector="yunet", frames=32,
-                 no_crop=False, batch_size=32, max_pixels=MAX_PIXELS, aggregation="mean"):
+                 no_crop=False, batch_size=32, max_pixels=MAX_PIXELS, aggregation=DEFAULT_AGGREGATION):
         self.detector = engine.load_detector(checkpoint, device, precision)  # CheckpointError names the file
         self.model, self.threshold = self.detector.model, self.detector.threshold
         self.frames, self.no_crop, self.batch_size, self.max_pixels = frames, no_crop, batch_size, max_pixels
@@ -346,9 +348,9 @@ def get_args_parser():
                    "into DIR; refuses a non-empty DIR without --overwrite (default: none)")
     p.add_argument("--overwrite", action="store_true", help="replace existing --output files and write into "
                    "a non-empty --gradcam DIR (default: off)")
-    p.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default="mean", help="a video's P(fake) from "
-                   "its faces': mean, or confident (the DFDC winner's rule: the mean of the confidently fake "
-                   "frames when there are enough of them) (default: mean)")
+    p.add_argument("--aggregation", choices=sorted(AGGREGATIONS), default=DEFAULT_AGGREGATION,
+                   help="a video's P(fake) from its faces': mean, or confident (the DFDC winner's rule: the mean of "
+                   f"the confidently fake frames when there are enough of them) (default: {DEFAULT_AGGREGATION})")
     p.add_argument("--batch_size", type=positive(int), default=32, help="faces per forward pass (default: 32)")
     p.add_argument("--max_pixels", type=positive(int), default=MAX_PIXELS, help="refuse pictures and video "
                    f"frames larger than this, before decoding them (default: {MAX_PIXELS:,}, about 120 MB as RGB)")

@@ -80,7 +80,8 @@ def test_video_no_face_and_bad_inputs(ckpt, face_video, tmp_path):
     vid = by_name[video.name]
     assert vid["kind"] == "video" and vid["frames"] == 4 and 1 <= vid["faces"] <= 4
     assert vid["label"] in ("real", "fake")
-    assert vid["fake_probability"] == pytest.approx(np.mean([r["fake_probability"] for r in vid["rows"]]))
+    assert vid["fake_probability"] == pytest.approx(predict.video_score([r["fake_probability"] for r in vid["rows"]],
+                                                                        predict.DEFAULT_AGGREGATION))
     assert all(len(r["box"]) == 4 for r in vid["rows"])
     gray = by_name["gray.png"]
     assert gray["label"] == predict.NO_FACE and gray["fake_probability"] is None and gray["faces"] == 0
@@ -203,9 +204,9 @@ def test_a_truncated_video_is_scored_on_what_decodes_and_says_so(ckpt, tmp_path)
 
 def test_video_score_rules():
     few_confident = [0.95, 0.9, 0.92, 0.3, 0.2, 0.35, 0.3]  # 3 of 7 frames clearly fake
-    assert predict.video_score(few_confident) == pytest.approx(np.mean(few_confident))
+    assert predict.video_score(few_confident, "mean") == pytest.approx(np.mean(few_confident))
     assert predict.video_score(few_confident, "confident") == pytest.approx(np.mean([0.95, 0.9, 0.92]))
     calm = [0.05] * 19 + [0.6]
     assert predict.video_score(calm, "confident") == pytest.approx(0.05)
     mixed = [0.5, 0.6, 0.4, 0.9]
-    assert predict.video_score(mixed, "confident") == predict.video_score(mixed) == pytest.approx(0.6)
+    assert predict.video_score(mixed, "confident") == predict.video_score(mixed, "mean") == pytest.approx(0.6)
