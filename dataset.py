@@ -325,19 +325,18 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
     for label, name in enumerate(CLASS_DIRS):
         if not any(s.label == label for s in samples):
             raise DatasetError(f"{root}: no readable images left in {name}/; nothing to train on")
-    duplicates = group_samples(samples)
+    duplicates = group_samples(samples)  # extras too: a frame of a held-out video shares its group
+    root, extras = [s for s in samples if not s.extra], [s for s in samples if s.extra]
     dropped = 0
     if presplit:
-        kept, dropped = drop_cross_split_copies([s for s in samples if not s.extra])
-        samples = kept + [s for s in samples if s.extra]
-        if not any(s.split == "val" for s in samples):  # carve val out of train
-            train = [s for s in samples if s.split == "train" and not s.extra]
-            split_groups(train, val_fraction, 0.0, seed)
+        root, dropped = drop_cross_split_copies(root)
+        if not any(s.split == "val" for s in root):  # carve val out of train
+            split_groups([s for s in root if s.split == "train"], val_fraction, 0.0, seed)
     else:
-        split_groups([s for s in samples if not s.extra], val_fraction, test_fraction, seed)
-    held_out = {s.group for s in samples if s.split != "train" and not s.extra}
-    kept = [s for s in samples if not (s.extra and s.group in held_out)]  # the held-out splits stay as they were
-    samples, dropped_extra = kept, copies + len(samples) - len(kept)
+        split_groups(root, val_fraction, test_fraction, seed)  # the split is the same with or without extras
+    held_out = {s.group for s in root if s.split != "train"}
+    kept = [s for s in extras if s.group not in held_out]
+    samples, dropped_extra = root + kept, copies + len(extras) - len(kept)
     sizes = Counter(s.group for s in samples)
     evaluation = eval_transform(image_size, mean, std, crop_pct)
     tf = {"train": train_transform(image_size, mean, std, augment, crop_pct), "val": evaluation, "test": evaluation}
