@@ -1,11 +1,16 @@
-"""The README and docs/: every relative link and #anchor leads somewhere, and the README stays short."""
+"""The README and docs/: every relative link and #anchor leads somewhere, every recipe file they
+name exists and holds commands main.py takes, and the README stays short."""
 import re
 
 import pytest
 from conftest import ROOT
 
+import compare
+import main
+
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *ROOT.glob("*/README.md")])
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+RECIPES = sorted((ROOT / "experiments").glob("*.txt"))
 
 
 def anchors(page):
@@ -35,3 +40,21 @@ def test_the_readme_is_short_and_opens_with_the_two_commands():
     first_screen = "\n".join(text.splitlines()[:15])
     assert "pip install -r requirements.txt" in first_screen and "python main.py" in first_screen
     assert "pytest -q" in first_screen
+
+
+def test_every_recipes_file_the_docs_name_exists():
+    named = {m for page in PAGES for m in re.findall(r"--recipes (experiments/\S+)", page.read_text())}
+    assert named, "no page names a recipes file: the pattern is stale"
+    missing = sorted(m for m in named if not (ROOT / m).is_file())
+    assert not missing, f"docs name recipe files that are not there: {missing}"
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_shipped_recipe_is_a_command_main_takes(path, capsys):
+    """A documented table is only reproducible if its recipes still parse (a renamed flag breaks them)."""
+    parser = main.get_args_parser()
+    for name, flags in compare.read_recipes(path).items():
+        try:
+            parser.parse_args(flags)
+        except SystemExit:
+            pytest.fail(f"{path.name}: recipe {name!r}: {capsys.readouterr().err.strip().splitlines()[-1]}")
