@@ -58,3 +58,13 @@ def test_every_shipped_recipe_is_a_command_main_takes(path, capsys):
             parser.parse_args(flags)
         except SystemExit:
             pytest.fail(f"{path.name}: recipe {name!r}: {capsys.readouterr().err.strip().splitlines()[-1]}")
+
+
+def test_a_recipe_named_in_several_files_has_the_same_flags_in_each():
+    """The seeds files repeat the exploration's recipes so that compare.py keeps their finished runs;
+    a recipe edited in one file only would silently stop matching (and rerun, or mislabel a table)."""
+    seen = {}
+    for path in RECIPES:
+        for name, flags in compare.read_recipes(path).items():
+            first = seen.setdefault(name, (path.name, flags))
+            assert first[1] == flags, f"recipe {name!r} differs between {first[0]} and {path.name}"
