@@ -4,6 +4,7 @@ Loops take every object they use as an argument and return a dict of metrics;
 main.py and report.py build the logs and plots from those dicts.
 
     stats = train_one_epoch(model, criterion, optimizer, loader, precision, epoch)  # {"loss", "acc", "img_s"}
+    average = weight_average(model, decay=0.998)                 # EMA weights, updated after each step
     stats = evaluate(model, criterion, loader, precision)        # + "probs" (P(fake)) and "labels"
     detector = load_detector("results/checkpoints/best.pt")      # model, transform, threshold, args
 """
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 
 import dataset
@@ -61,9 +63,10 @@ def resume_scheduler(scheduler, state):
 
 # ---------------------------------------------------------------- loops
 
-def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scaler=None, scheduler=None, desc=None):
-    """One pass over `loader`, stepping `scheduler` after each batch; returns {"loss", "acc",
-    "img_s"} averaged over images (of every process)."""
+def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scaler=None, scheduler=None, desc=None,
+                    after_step=None):
+    """One pass over `loader`, stepping `scheduler` and calling `after_step()` (the weight average's
+    update) after each batch; returns {"loss", "acc", "img_s"} averaged over images (of every process)."""
     model.train()
     total_loss, correct, seen, start = 0.0, 0, 0, time.perf_counter()
     bar = progress(loader, desc or f"train {epoch}")
@@ -83,6 +86,8 @@ def train_one_epoch(model, criterion, optimizer, loader, precision, epoch, scale
             optimizer.step()
         if scheduler is not None:
             scheduler.step()
+        if after_step is not None:
+            after_step()
         n = labels.size(0)
         total_loss += loss.item() * n  # weight by batch size: the last batch may be small
         correct += (logits.argmax(1) == labels).sum().item()
@@ -115,6 +120,16 @@ def evaluate(model, criterion, loader, precision, desc="eval"):
     n = max(len(labels_all), 1)  # an empty set gives empty arrays, not a division by zero
     return {"loss": total_loss / n, "acc": float(((probs >= 0.5) == labels_all).sum() / n),
             "img_s": n / (time.perf_counter() - start), "probs": probs, "labels": labels_all}
+
+
+def weight_average(model, decay):
+    """An exponential moving average of `model`'s weights and BatchNorm statistics (a copy that
+    `.update_parameters(model)` moves by 1 - decay towards the model, `.module` to use it).
+
+    The average of the last few hundred steps sits in a flatter spot than the last step's
+    weights, which tends to carry over better to data unlike the training set (Izmailov et al.
+    2018, SWA; Cha et al. 2021, SWAD): timm's and torchvision's reference trainers keep one."""
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def make_loader(ds, batch_size, workers, dist, train=False, balance="none", seed=0):

@@ -99,6 +99,10 @@ def get_args_parser():
                    help="the cosine decays to lr * RATIO at the last step; 1 keeps the learning rate constant "
                    "(default: 0)")
     g.add_argument("--weight_decay", type=at_least(float, 0), default=1e-4, help="AdamW weight decay (default: 1e-4)")
+    g.add_argument("--ema_decay", type=fraction, default=0.0, metavar="DECAY",
+                   help="keep an exponential moving average of the weights, moved by 1 - DECAY towards them after "
+                   "every step (0.998: half-life about 350 steps); validation, checkpoints, the report and "
+                   "predict.py then use the average (default: 0 = off)")
     g.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
                    "validation, test and predict.py (default: none)")
@@ -188,12 +192,18 @@ def trainable_part(model, loaders, frozen, args, precision, feature_cache):
     return model.head, feature_cache
 
 
-def checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args, split):
-    """One dict holds everything a resume or a prediction needs; `split` maps each image to its split."""
-    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "split": split, "epoch": epoch,
-            "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
-            "classes": list(dataset.CLASSES)}
+def checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args, split, average=None):
+    """One dict holds everything a resume or a prediction needs; `split` maps each image to its split.
+    "model" is what was validated and predicts: the weight average when there is one (then
+    "train_model" holds the weights training goes on from)."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "split": split, "epoch": epoch,
+             "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
+             "classes": list(dataset.CLASSES)}
+    if average is not None:
+        state.update(model=average.module.state_dict(), train_model=model.state_dict(),
+                     average_steps=int(average.n_averaged))
+    return state
 
 
 def interrupted(state, out, epoch, dist):
@@ -224,10 +234,15 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
     scheduler = engine.make_scheduler(optimizer, args.epochs, len(loaders["train"]), args.warmup_epochs,
                                       args.min_lr_ratio)
     scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.amp_dtype == torch.float16)
+    average = engine.weight_average(model, args.ema_decay) if args.ema_decay else None
+    update_average = None if average is None else lambda: average.update_parameters(model)
     start_epoch, best_val_auc, history, feature_cache = 0, -math.inf, [], {}
     split = {s.path: s.split for s in data.samples}  # saved with each checkpoint: a resume must see the same
     if resume_from is not None:
-        model.load_state_dict(resume_from["model"])
+        model.load_state_dict(resume_from.get("train_model", resume_from["model"]))
+        if average is not None:
+            average.module.load_state_dict(resume_from["model"])
+            average.n_averaged.fill_(resume_from["average_steps"])
         optimizer.load_state_dict(resume_from["optimizer"])
         engine.resume_scheduler(scheduler, resume_from["scheduler"])
         start_epoch, best_val_auc, history = (resume_from["epoch"] + 1, resume_from["best_val_auc"],
@@ -245,8 +260,12 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
                 loaders["train"].sampler.set_epoch(epoch)
             lrs = {"lr": group_lr(optimizer, "head"), "backbone_lr": group_lr(optimizer, "backbone")}  # at the start
             train = engine.train_one_epoch(train_net, criterion, optimizer, epoch_loaders["train"], precision, epoch,
-                                           scaler, scheduler, desc=f"epoch {epoch + 1}/{args.epochs} train")
-            val_net = FlipAverage(train_net) if args.tta == "flip" else train_net
+                                           scaler, scheduler, desc=f"epoch {epoch + 1}/{args.epochs} train",
+                                           after_step=update_average)
+            val_net = train_net
+            if average is not None:  # validate (and keep) the average, not the last step's weights
+                val_net = average.module.head if train_net is model.head else average.module
+            val_net = FlipAverage(val_net) if args.tta == "flip" else val_net
             val = engine.evaluate(val_net, criterion, epoch_loaders["val"], precision, desc="val")
             val_auc = report.roc_auc(val["labels"], val["probs"])
             threshold = report.eer_threshold(val["labels"], val["probs"])[0]
@@ -261,12 +280,13 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
             if dist.main:  # one writer: the other processes hold the same weights
                 report.write_history_csv(history, out / "history.csv")
                 state = checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args,
-                                         split)
+                                         split, average)
                 engine.save_checkpoint(state, out / "checkpoints" / "last.pt")
                 if improved:
                     engine.save_checkpoint(state, out / "checkpoints" / "best.pt")
     except KeyboardInterrupt:
-        state = checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args, split)
+        state = checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args, split,
+                                 average)
         interrupted(state, out, epoch, dist)
     return history
 
