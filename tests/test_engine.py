@@ -58,6 +58,22 @@ def test_train_one_epoch_drives_the_loss_down_on_a_tiny_real_batch(sample_root):
     assert engine.evaluate(model, nn.CrossEntropyLoss(), loader, CPU)["acc"] == 1.0
 
 
+def test_weight_average_moves_weights_and_batchnorm_statistics_by_one_minus_decay():
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    average = engine.weight_average(model, decay=0.9)
+    average.update_parameters(model)  # the first update takes the weights as they are
+    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    with torch.no_grad():
+        for v in before:
+            model.state_dict()[v].add_(1.0)  # every weight and running statistic moves by 1
+    average.update_parameters(model)
+    for k, v in before.items():  # the average moves a tenth of the way: 0.9 * old + 0.1 * new
+        torch.testing.assert_close(average.module.state_dict()[k], v + 0.1, msg=k)
+    x = torch.randn(4, 2)
+    model.eval(), average.eval()
+    assert not torch.allclose(average.module(x), model(x))  # scoring uses the average, not the model
+
+
 # six images worked out by hand: sorted by P(fake) they are .9 fake, .8 fake, .7 real, .3 fake, .2 real, .1 real
 LABELS = np.array([0, 0, 0, 1, 1, 1])
 PROBS = np.array([0.1, 0.2, 0.7, 0.3, 0.8, 0.9])

@@ -92,13 +92,15 @@ def interrupt_in_epoch(monkeypatch, epoch_to_stop):
     return real
 
 
+@pytest.mark.parametrize("average", [[], ["--ema_decay", "0.9"]], ids=["plain", "weight_average"])
 def test_interrupted_run_resumed_by_the_printed_hint_matches_an_uninterrupted_one(sample_root, tmp_path,
-                                                                                   monkeypatch, capsys):
+                                                                                   monkeypatch, capsys, average):
     # non-default flags everywhere: the hint `--resume --output_dir R` must bring all of them back;
-    # two loader workers: their augmentation RNG must follow the per-epoch seed too
+    # two loader workers: their augmentation RNG must follow the per-epoch seed too; with a weight
+    # average, both the average and the weights training goes on from must come back
     flags = ["--data_root", str(sample_root), "--weights", "none", "--epochs", "3", "--image_size", "48",
              "--batch_size", "4", "--lr", "3e-4", "--max_per_class", "10", "--precision", "fp32", "--workers", "2",
-             "--cache_dir", str(tmp_path / "cache")]
+             "--cache_dir", str(tmp_path / "cache"), *average]
     main.main(main.parse_args(flags + ["--output_dir", str(tmp_path / "straight")]))
     real = interrupt_in_epoch(monkeypatch, 1)
     with pytest.raises(SystemExit) as e:
@@ -114,6 +116,11 @@ def test_interrupted_run_resumed_by_the_printed_hint_matches_an_uninterrupted_on
     assert resumed["epoch"] == straight["epoch"] == 2 and len(resumed["history"]) == 3
     for k, v in straight["model"].items():
         assert torch.equal(v, resumed["model"][k]), k
+    if average:  # "model" (what predicts) is the average, apart from the weights training goes on from
+        assert resumed.keys() >= {"train_model", "average_steps"}
+        assert not torch.equal(straight["model"]["head.weight"], straight["train_model"]["head.weight"])
+        for k, v in straight["train_model"].items():
+            assert torch.equal(v, resumed["train_model"][k]), k
     used = {run: json.loads((tmp_path / run / "args.json").read_text()) for run in ("straight", "resumed")}
     for run in used.values():  # what differs is only how each run was started
         for key in ("output_dir", "resume"):
