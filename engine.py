@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
 import dataset
@@ -123,13 +123,22 @@ def evaluate(model, criterion, loader, precision, desc="eval"):
 
 
 def weight_average(model, decay):
-    """An exponential moving average of `model`'s weights and BatchNorm statistics (a copy that
-    `.update_parameters(model)` moves by 1 - decay towards the model, `.module` to use it).
+    """An exponential moving average of `model`'s weights and BatchNorm statistics: a copy that
+    `.update_parameters(model)` moves towards the model, `.module` to use it.
 
-    The average of the last few hundred steps sits in a flatter spot than the last step's
-    weights, which tends to carry over better to data unlike the training set (Izmailov et al.
-    2018, SWA; Cha et al. 2021, SWAD): timm's and torchvision's reference trainers keep one."""
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    After n updates it is sum(decay**(n-i) * w_i) / sum(decay**(n-i)) over the weights w_1..w_n
+    seen (the bias correction Adam uses): no trace of the initial weights, a plain mean over the
+    first steps, an EMA with `decay` once n >> 1 / (1 - decay). The average of the last few hundred
+    steps sits in a flatter spot than the last step's weights, which tends to carry over better
+    to data unlike the training set (Izmailov et al. 2018, SWA; Cha et al. 2021, SWAD); timm's and
+    torchvision's reference trainers keep one."""
+    def update(averages, currents, n_averaged):  # n_averaged >= 1: the first update copies
+        if not averages[0].is_floating_point():  # BatchNorm's batch counter: a count, not averaged
+            torch._foreach_copy_(averages, currents)
+            return
+        weight = (1 - decay) / (1 - decay ** (int(n_averaged) + 1))
+        torch._foreach_lerp_(averages, currents, weight)
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def make_loader(ds, batch_size, workers, dist, train=False, balance="none", seed=0):

@@ -101,8 +101,8 @@ def get_args_parser():
     g.add_argument("--weight_decay", type=at_least(float, 0), default=1e-4, help="AdamW weight decay (default: 1e-4)")
     g.add_argument("--ema_decay", type=fraction, default=0.0, metavar="DECAY",
                    help="keep an exponential moving average of the weights, moved by 1 - DECAY towards them after "
-                   "every step (0.998: half-life about 350 steps); validation, checkpoints, the report and "
-                   "predict.py then use the average (default: 0 = off)")
+                   "every step (0.998: half-life about 350 steps; bias-corrected, engine.weight_average); "
+                   "validation, checkpoints, the report and predict.py then use the average (default: 0 = off)")
     g.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
                    "validation, test and predict.py (default: none)")

@@ -58,17 +58,20 @@ def test_train_one_epoch_drives_the_loss_down_on_a_tiny_real_batch(sample_root):
     assert engine.evaluate(model, nn.CrossEntropyLoss(), loader, CPU)["acc"] == 1.0
 
 
-def test_weight_average_moves_weights_and_batchnorm_statistics_by_one_minus_decay():
+def test_weight_average_is_the_decay_weighted_mean_of_the_weights_and_batchnorm_statistics():
     model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    average = engine.weight_average(model, decay=0.9)
-    average.update_parameters(model)  # the first update takes the weights as they are
-    before = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    with torch.no_grad():
-        for v in before:
-            model.state_dict()[v].add_(1.0)  # every weight and running statistic moves by 1
-    average.update_parameters(model)
-    for k, v in before.items():  # the average moves a tenth of the way: 0.9 * old + 0.1 * new
-        torch.testing.assert_close(average.module.state_dict()[k], v + 0.1, msg=k)
+    average, decay = engine.weight_average(model, decay=0.9), 0.9
+    start = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    for step in range(4):  # weights and running statistics at start + 0, 1, 2, 3 in turn
+        with torch.no_grad():
+            for k, v in start.items():
+                model.state_dict()[k].copy_(v + step)
+        average.update_parameters(model)
+    weights = decay ** np.arange(3, -1, -1)  # 0.9**3 for the first step seen ... 1 for the last
+    expected = (weights * np.arange(4)).sum() / weights.sum()  # no trace of anything before the first
+    for k, v in start.items():
+        torch.testing.assert_close(average.module.state_dict()[k], v + expected, msg=k)
+    assert average.module[1].num_batches_tracked == model[1].num_batches_tracked
     x = torch.randn(4, 2)
     model.eval(), average.eval()
     assert not torch.allclose(average.module(x), model(x))  # scoring uses the average, not the model
