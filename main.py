@@ -48,7 +48,8 @@ def get_args_parser():
     g.add_argument("--augment", choices=["auto", *AUGMENTATIONS], default="auto",
                    help="training augmentation (presets.py): none (as evaluation), flip, crop_flip, blur_jpeg (random "
                    "crop, flip, occasional blur and JPEG, Wang et al. 2020), compress (flip, JPEG 40-100 on half the "
-                   "images, as online video); none with a frozen backbone trains the "
+                   "images, as online video), video (compress, and half the images shrunk to 25-100%% and "
+                   "enlarged back, as faces cut from video); none with a frozen backbone trains the "
                    "head on cached features (default: auto = blur_jpeg with pretrained weights, "
                    f"{SCRATCH['augment']} from random init)")
     g.add_argument("--pseudo_fakes", choices=["none", "sbi", "sbi_only"], default="none",

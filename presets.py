@@ -15,16 +15,20 @@ centre-crops at the same scale. --crop_pct 1 feeds the whole face, resized to th
     --augment compress    centre crop + flip + JPEG re-compression at the quality of online
                           video (40-100, half the images; SBI's setting): real and fake
                           alike, so compression is no cue, as in face-swap videos
+    --augment video       compress, and half the images shrunk to 25-100% and scaled back
+                          (the DFDC winner's downscale): faces cut from video are small faces
+                          enlarged, and a detector trained on sharp photos calls every such
+                          face fake, real or not
 
-No augmentation rescales or rotates: resampling smears the pixel-level traces a generator
-leaves, which are what a detector learns from.
+No other augmentation rescales or rotates: resampling smears the pixel-level traces a generator
+leaves, which are what a detector of GAN images learns from.
 """
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import v2
 
-AUGMENTATIONS = ("none", "flip", "crop_flip", "blur_jpeg", "compress")
+AUGMENTATIONS = ("none", "flip", "crop_flip", "blur_jpeg", "compress", "video")
 CROP_PCT = 224 / 256  # input size / cached size: ImageNet's classic 224 crop of a 256 resize
 
 
@@ -39,6 +43,21 @@ def resize_square(im, size):
     return np.array(ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR))
 
 
+class Downscale(torch.nn.Module):
+    """Shrink a (3, S, S) image to a random share of S in `scale` and enlarge it back to S: the
+    detail of a face that filled fewer pixels."""
+
+    def __init__(self, scale=(0.25, 1.0)):
+        super().__init__()
+        self.scale = scale
+
+    def forward(self, img):
+        size = img.shape[-1]
+        low, high = self.scale
+        small = max(1, round(size * (low + (high - low) * torch.rand(()).item())))
+        return v2.functional.resize(v2.functional.resize(img, small, antialias=True), size, antialias=True)
+
+
 def train_transform(image_size, mean, std, augment="blur_jpeg", crop_pct=CROP_PCT):
     """uint8 (3, S, S) -> normalized float (3, image_size, image_size), augmented as `augment` says."""
     crop = v2.RandomCrop(image_size) if augment in ("crop_flip", "blur_jpeg") else v2.CenterCrop(image_size)
@@ -48,7 +67,9 @@ def train_transform(image_size, mean, std, augment="blur_jpeg", crop_pct=CROP_PC
     if augment == "blur_jpeg":
         steps += [v2.RandomApply([v2.GaussianBlur(kernel_size=9, sigma=(0.1, 3.0))], p=0.1),
                   v2.RandomApply([v2.JPEG(quality=(30, 100))], p=0.1)]
-    if augment == "compress":
+    if augment == "video":
+        steps.append(v2.RandomApply([Downscale()], p=0.5))
+    if augment in ("compress", "video"):
         steps.append(v2.RandomApply([v2.JPEG(quality=(40, 100))], p=0.5))
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
