@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def flags(sample_root, out, *extra):
     # a constant learning rate (--min_lr_ratio 1): a run of 1 epoch extended to 2 then sees the
-    # rates a 2-epoch run sees (a cosine would stretch), so the resume test can compare weights
+    # rates a 2-epoch run sees (a cosine would stretch), so the resume test can compare weights;
+    # a weight average (--ema_decay): kept on every process, saved once, resumed with the rest
     return ["--data_root", str(sample_root), "--weights", "none", "--image_size", "32", "--max_per_class", "20",
-            "--batch_size", "8", "--workers", "0", "--min_lr_ratio", "1", "--output_dir", str(out),
-            "--cache_dir", str(out.parent / "cache"), *extra]
+            "--batch_size", "8", "--workers", "0", "--min_lr_ratio", "1", "--ema_decay", "0.9",
+            "--output_dir", str(out), "--cache_dir", str(out.parent / "cache"), *extra]
 
 
 def torchrun(*argv, timeout=600):
@@ -56,7 +57,8 @@ def test_two_processes_train_and_write_one_set_of_results(two_process_run, sampl
     for name in ("summary.md", "metrics.json", "predictions.csv", "split.csv", "checkpoints/best.pt"):
         assert (out / name).is_file(), name
     ckpt = engine.load_checkpoint(out / "checkpoints" / "best.pt")
-    assert not any(k.startswith("module.") for k in ckpt["model"])  # a plain model's state_dict
+    for weights in ("model", "train_model"):  # the average and the training weights: plain models' state_dicts
+        assert not any(k.startswith("module.") for k in ckpt[weights])
     p = predict.Predictor(out / "checkpoints" / "best.pt", no_crop=True)
     face = sorted((sample_root / "fake_data").glob("*.jpg"))[0]
     assert 0 <= p.predict_file(face)["fake_probability"] <= 1
@@ -86,8 +88,9 @@ def test_two_processes_resumed_after_epoch_1_end_like_an_uninterrupted_run(two_p
     a = engine.load_checkpoint(straight / "checkpoints" / "last.pt")
     b = engine.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert b["epoch"] == a["epoch"] == 1
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    for weights in ("model", "train_model"):
+        for k in a[weights]:
+            assert torch.equal(a[weights][k], b[weights][k]), (weights, k)
 
 
 def test_a_killed_process_stops_the_other_and_last_pt_survives(sample_root, tmp_path):
