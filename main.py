@@ -197,14 +197,13 @@ def checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, 
     """One dict holds everything a resume or a prediction needs; `split` maps each image to its split.
     "model" is what was validated and predicts: the weight average when there is one (then
     "train_model" holds the weights training goes on from)."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "split": split, "epoch": epoch,
-             "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
-             "classes": list(dataset.CLASSES)}
-    if average is not None:
-        state.update(model=average.module.state_dict(), train_model=model.state_dict(),
-                     average_steps=int(average.n_averaged))
-    return state
+    weights = ({"model": model.state_dict()} if average is None else
+               {"model": average.module.state_dict(), "train_model": model.state_dict(),
+                "average_steps": int(average.n_averaged)})
+    return {**weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "split": split, "epoch": epoch,
+            "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
+            "classes": list(dataset.CLASSES)}
 
 
 def interrupted(state, out, epoch, dist):
@@ -243,7 +242,7 @@ def fit(args, model, data, precision, out, dist, resume_from=None):
         model.load_state_dict(resume_from.get("train_model", resume_from["model"]))
         if average is not None:
             average.module.load_state_dict(resume_from["model"])
-            average.n_averaged.fill_(resume_from["average_steps"])
+            average.n_averaged.fill_(resume_from.get("average_steps", 0))  # 0: a run without one starts it here
         optimizer.load_state_dict(resume_from["optimizer"])
         engine.resume_scheduler(scheduler, resume_from["scheduler"])
         start_epoch, best_val_auc, history = (resume_from["epoch"] + 1, resume_from["best_val_auc"],
