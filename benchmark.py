@@ -111,9 +111,9 @@ def bench_train(args):
     fp32 = utils.Precision(device)
     mean, std = DeepfakeDetector("resnet18", "none").mean, DeepfakeDetector("resnet18", "none").std
     n = args.batch_size * (args.batches * 2 + 2)  # enough images that no timed batch repeats a decode
-    data = dataset.prepare_data(args.data_root, args.image_size, mean, std, val_fraction=0.0, test_fraction=0.0,
-                                max_per_class=n // 2 + 1, cache_dir=args.cache_dir, workers=args.workers,
-                                augment=args.augment)
+    data = dataset.prepare_data(args.data_root, presets.transforms(vars(args), mean, std), val_fraction=0.0,
+                                test_fraction=0.0, max_per_class=n // 2 + 1, cache_dir=args.cache_dir,
+                                workers=args.workers)
     cached = data.datasets["train"]
     plain = dataset.DeepfakeDataset(cached.samples, cached.transform, cache=None, size=cached.size)
     as_eval = lambda d: dataset.DeepfakeDataset(d.samples, presets.eval_transform(args.image_size, mean, std),  # noqa
@@ -208,7 +208,8 @@ def bench_features(args, head_epochs=5):
     precision = utils.choose_precision(device, args.precision)
     utils.seed_everything(0)
     model = DeepfakeDetector(args.model, "none")
-    data = dataset.prepare_data(args.data_root, model.input_size, model.mean, model.std,
+    data = dataset.prepare_data(args.data_root, presets.transforms({"image_size": model.input_size}, model.mean,
+                                                                   model.std),
                                 max_per_class=args.max_per_class, cache_dir=args.cache_dir, workers=args.workers)
     train_ds = data.datasets["train"]
     train_ds.transform = data.datasets["val"].transform  # no augmentation: what the fast path requires

@@ -12,7 +12,7 @@ duplicates and frames of one source video are grouped, and a group lives in one
 split only. Balancing (oversampling) happens after the split, on train only.
 
     from dataset import prepare_data
-    data = prepare_data("Dataset", image_size=224, mean=..., std=...)
+    data = prepare_data("Dataset", presets.transforms({"image_size": 224, "augment": "flip"}, mean, std))
     data.datasets["train"][0]   # (tensor (3, 224, 224) float, label)
 """
 import csv
@@ -32,13 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import progress
 from media import IMAGE_EXTS, MediaError, crop_source, load_rgb
-from presets import (
-    CROP_PCT,
-    cache_size_for,
-    eval_transform,
-    resize_square,
-    train_transform,
-)
+from presets import resize_square
 
 CLASSES = ("real", "fake")  # index = label
 CLASS_DIRS = ("real_data", "fake_data")
@@ -295,11 +289,10 @@ class Data:
     presplit: bool = False
 
 
-def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0.15, seed=0,
-                 max_per_class=0, cache_dir="cache", workers=2, use_cache=True, augment="blur_jpeg",
-                 crop_pct=CROP_PCT, train_extra=()):
+def prepare_data(root, transforms, val_fraction=0.15, test_fraction=0.15, seed=0, max_per_class=0,
+                 cache_dir="cache", workers=2, use_cache=True, train_extra=()):
     """Find, decode (once, cached), de-duplicate, group and split the images under root; the images
-    of the train_extra folders join the training split only."""
+    of the train_extra folders join the training split only. transforms: presets.transforms()."""
     samples, presplit = find_samples(root)
     if max_per_class:
         rng = random.Random(seed)  # a seeded subset, not the first files alphabetically
@@ -308,7 +301,7 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
                                               min(max_per_class, sum(s.label == label for s in samples))),
                                    key=lambda s: s.path)]
     samples += [s for folder in train_extra for s in find_extra_samples(folder)]
-    size = cache_size_for(image_size, crop_pct)
+    size = transforms.cache_size
     cache, corrupt = build_cache(samples, size, cache_dir, workers)
     if corrupt:
         warnings.warn(f"skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
@@ -338,8 +331,7 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
     kept = [s for s in extras if s.group not in held_out]
     samples, dropped_extra = root + kept, copies + len(extras) - len(kept)
     sizes = Counter(s.group for s in samples)
-    evaluation = eval_transform(image_size, mean, std, crop_pct)
-    tf = {"train": train_transform(image_size, mean, std, augment, crop_pct), "val": evaluation, "test": evaluation}
+    tf = {"train": transforms.train, "val": transforms.eval, "test": transforms.eval}
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
                                        cache if use_cache else None, size)
                 for split in SPLITS}
@@ -347,11 +339,11 @@ def prepare_data(root, image_size, mean, std, val_fraction=0.15, test_fraction=0
                 sum(n > 1 for n in sizes.values()), presplit)
 
 
-def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2, crop_pct=CROP_PCT):
+def prepare_test_set(root, transform, size, cache_dir="cache", workers=2):
     """An extra held-out folder, scored after training (main.py --test_sets): real_data/ and/or
     fake_data/ inside (labelled), or a plain folder of images (labels unknown, reported as the
-    share called fake). Returns (DeepfakeDataset with the eval transform, labelled?, {path: error}
-    of the unreadable files, left out)."""
+    share called fake), decoded at `size` and scored through `transform` (the evaluation one).
+    Returns (DeepfakeDataset, labelled?, {path: error} of the unreadable files, left out)."""
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: test set folder not found")
@@ -360,12 +352,11 @@ def prepare_test_set(root, image_size, mean, std, cache_dir="cache", workers=2, 
     samples = [Sample(str(p), label) for label, d in folders if d.is_dir() for p in _images_in(d)]
     if not samples:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) in the test set")
-    size = cache_size_for(image_size, crop_pct)
     cache, corrupt = build_cache(samples, size, cache_dir, workers)
     readable = [s for s in samples if s.path not in corrupt]
     if not readable:
         raise DatasetError(f"{root}: none of its {len(samples)} images could be read")
-    return DeepfakeDataset(readable, eval_transform(image_size, mean, std, crop_pct), cache, size), labelled, corrupt
+    return DeepfakeDataset(readable, transform, cache, size), labelled, corrupt
 
 
 def check_splits(data, root, val_fraction, test_fraction):

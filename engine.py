@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import dataset
 import presets
 from cli import progress
-from model import DeepfakeDetector, FlipAverage, check_name
+from model import DeepfakeDetector, FlipAverage, check_name, detector_from
 from utils import choose_precision, gather_scores, get_device, sum_over_ranks
 
 DEFAULT_THRESHOLD = 0.5  # the decision threshold of a checkpoint that stores none (interrupted run)
@@ -196,7 +196,7 @@ class Detector:
     precision: object             # utils.Precision: device, autocast dtype, memory layout
     transform: object             # presets.eval_transform for the checkpoint's image size
     image_size: int
-    crop_pct: float               # input size / cached size (presets.cache_size_for)
+    cache_size: int               # the side images are decoded at before the transform (presets.cache_size_for)
     threshold: float              # P(fake) >= threshold -> "fake"
     threshold_source: str
     args: dict                    # the flags the checkpoint was trained with
@@ -204,7 +204,7 @@ class Detector:
 
     def preprocess(self, pil):
         """PIL face crop -> normalized (3, S, S), exactly as the training cache + eval transform."""
-        pixels = presets.resize_square(pil, presets.cache_size_for(self.image_size, self.crop_pct))  # (s, s, 3) uint8
+        pixels = presets.resize_square(pil, self.cache_size)  # (s, s, 3) uint8
         return self.transform(torch.from_numpy(pixels).permute(2, 0, 1))
 
     @torch.inference_mode()
@@ -226,8 +226,7 @@ def load_detector(path, device="auto", precision="auto", tta=None):
         check_name(name)
     except ValueError:
         raise CheckpointError(f"{path}: trained for model {name!r}, which model.py does not know") from None
-    model = DeepfakeDetector(name, "none", freeze_backbone=bool(args.get("freeze_backbone")),
-                             image_size=args.get("image_size"))  # ViT's position grid depends on it
+    model = detector_from(args)
     try:
         model.load_state_dict(ckpt["model"])
     except Exception as e:  # wrong shapes or keys: another architecture's weights
@@ -236,10 +235,10 @@ def load_detector(path, device="auto", precision="auto", tta=None):
     run = choose_precision(get_device(device) if isinstance(device, str) else device, precision)
     run.prepare(model.eval())
     image_size = args.get("image_size") or model.input_size
-    crop_pct = args.get("crop_pct", presets.CROP_PCT)  # older checkpoints: the one framing there was
+    tf = presets.transforms({**args, "image_size": image_size}, model.mean, model.std)  # crop_pct: as trained
     threshold, source = ckpt.get("threshold"), "checkpoint (val EER point)"
     if threshold is None:
         threshold, source = DEFAULT_THRESHOLD, f"{DEFAULT_THRESHOLD} default (checkpoint has no threshold)"
     scorer = FlipAverage(model) if (tta or args.get("tta")) == "flip" else model
-    return Detector(model, scorer, run, presets.eval_transform(image_size, model.mean, model.std, crop_pct),
-                    image_size, crop_pct, float(threshold), source, args, ckpt.get("epoch", -1))
+    return Detector(model, scorer, run, tf.eval, image_size, tf.cache_size, float(threshold), source, args,
+                    ckpt.get("epoch", -1))

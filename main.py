@@ -24,12 +24,13 @@ import dataset
 import engine
 import evaluate
 import features
+import presets
 import report
 import sbi
 import utils
 from cli import DEFAULT_WORKERS, add_machine_flags, at_least, checked, fraction, given_flags, positive, silence
 from config import SCRATCH
-from model import MODELS, DeepfakeDetector, FlipAverage, WeightsError, check_name
+from model import INPUT_FILTERS, MODELS, FlipAverage, WeightsError, check_name, detector_from
 from presets import AUGMENTATIONS, CROP_PCT
 
 
@@ -47,11 +48,16 @@ def get_args_parser():
                    "minority images (default: none)")
     g.add_argument("--augment", choices=["auto", *AUGMENTATIONS], default="auto",
                    help="training augmentation (presets.py): none (as evaluation), flip, crop_flip, blur_jpeg (random "
-                   "crop, flip, occasional blur and JPEG, Wang et al. 2020), compress (flip, JPEG 40-100 on half the "
-                   "images, as online video), video (compress, and half the images shrunk to 25-100%% and "
-                   "enlarged back, as faces cut from video); none with a frozen backbone trains the "
-                   "head on cached features (default: auto = blur_jpeg with pretrained weights, "
+                   "crop, flip, blur and JPEG each on 10%% of the images, Wang et al. 2020), blur_jpeg_0.5 (the same on "
+                   "half the images), rescale (flip, half the images shrunk to 50-100%% and enlarged back), compress "
+                   "(flip, JPEG 40-100 on half the images, as online video), video (compress, and half the images "
+                   "shrunk to 25-100%% and enlarged back, as faces cut from video); none with a frozen backbone trains "
+                   "the head on cached features (default: auto = blur_jpeg with pretrained weights, "
                    f"{SCRATCH['augment']} from random init)")
+    g.add_argument("--input_jpeg", type=at_least(int, 0), default=0, metavar="QUALITY",
+                   help="re-encode every image as JPEG at QUALITY (1-100) just before the network, in training, "
+                   "evaluation and predict.py alike, so that every input carries the same compression and its "
+                   "absence (a PNG, a large photo scaled down) is no cue (default: 0 = off)")
     g.add_argument("--pseudo_fakes", choices=["none", "sbi", "sbi_only"], default="none",
                    help="self-blended pseudo-fakes made from the real training faces (sbi.py): sbi adds one per "
                    "real image, sbi_only trains on real images and their self-blends alone (default: none)")
@@ -82,6 +88,10 @@ def get_args_parser():
     g.add_argument("--weights", default="imagenet", help="imagenet (downloaded once by torchvision or timm; "
                    "efficientnet_lite0's come with the install), none (random init), or PATH to a backbone state_dict "
                    "file (default: imagenet)")
+    g.add_argument("--input_filter", choices=list(INPUT_FILTERS), default="none",
+                   help="what the backbone sees, computed inside the model: none (the image), npr (the image minus "
+                   "its nearest-neighbour 2x down-and-up-sampled copy: generators' up-sampling traces, Tan et al. "
+                   "2024), highpass (the image minus its 3x3 mean) (default: none)")
     g.add_argument("--freeze_backbone", action="store_true", help="train the two-class head only (default: off)")
     g.add_argument("--unfreeze_at", type=positive(int), default=None, metavar="EPOCH",
                    help="train the head only for epochs 1..EPOCH-1, then everything from EPOCH on "
@@ -138,6 +148,8 @@ def parse_args(argv=None):
                      f"(got {args.val_fraction} + {args.test_fraction})")
     if args.min_lr_ratio > 1:
         parser.error(f"--min_lr_ratio must be at most 1 (a constant learning rate), got {args.min_lr_ratio}")
+    if args.input_jpeg > 100:
+        parser.error(f"--input_jpeg is a JPEG quality, 1 to 100 (0: off), got {args.input_jpeg}")
     if args.crop_pct > 1:
         parser.error(f"--crop_pct must be at most 1 (the whole image), got {args.crop_pct}")
     for item in args.test_sets:
@@ -155,9 +167,9 @@ def parse_args(argv=None):
 def load_data(args, model, dist):
     """The splits as DeepfakeDatasets; rank 0 decodes the cache first, the other processes then read it."""
     with utils.main_rank_first(dist):
-        data = dataset.prepare_data(args.data_root, args.image_size, model.mean, model.std, args.val_fraction,
-                                    args.test_fraction, args.seed, args.max_per_class, args.cache_dir, args.workers,
-                                    augment=args.augment, crop_pct=args.crop_pct, train_extra=args.train_extra)
+        data = dataset.prepare_data(args.data_root, presets.transforms(vars(args), model.mean, model.std),
+                                    args.val_fraction, args.test_fraction, args.seed, args.max_per_class,
+                                    args.cache_dir, args.workers, train_extra=args.train_extra)
         train = data.datasets["train"]
         if args.pseudo_fakes != "none":
             geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0], args.sbi_mask)
@@ -189,7 +201,8 @@ def trainable_part(model, loaders, frozen, args, precision, feature_cache):
             or isinstance(model, DistributedDataParallel):  # self-blends differ every epoch: nothing to cache
         return model, loaders
     if not feature_cache:
-        feature_cache.update(features.feature_loaders(model.backbone, loaders, precision))
+        feature_cache.update(features.feature_loaders(nn.Sequential(model.input_filter, model.backbone), loaders,
+                                                      precision))
     return model.head, feature_cache
 
 
@@ -322,8 +335,7 @@ def main(args):
             detector = engine.load_detector(ckpt_path, device, args.precision, tta=args.tta)
             model = detector.model
         else:
-            model = DeepfakeDetector(args.model, args.weights if ckpt is None else "none",
-                                     freeze_backbone=args.freeze_backbone, image_size=args.image_size)
+            model = detector_from(vars(args), args.weights if ckpt is None else "none")
         data = load_data(args, model, dist)
     except (WeightsError, ValueError, dataset.DatasetError, engine.CheckpointError) as e:
         sys.exit(f"error: {e}")

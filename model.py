@@ -15,6 +15,7 @@ import importlib
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 from torchvision.models import vision_transformer
@@ -203,6 +204,33 @@ class FlipAverage(nn.Module):
         return (self.model(x) + self.model(x.flip(3))) / 2  # (B, 3, H, W): flip the width
 
 
+class NeighbourResidual(nn.Module):
+    """NPR (Tan et al., CVPR 2024): the image minus its copy shrunk 2x and enlarged back, both by nearest
+    neighbour, i.e. each pixel minus the top-left pixel of its 2x2 cell. A generator's up-sampling
+    layers make neighbouring pixels depend on each other in a way photos do not; what is left after
+    subtracting a neighbour keeps that and drops the face itself, which is why a detector of it carries
+    over to generators it never saw. Their code scales the residual by 2/3; this scales by 4 instead, to
+    give the backbone's first layer inputs of about the spread it was built for (the residual of a
+    normalised face has a standard deviation near 0.25)."""
+
+    def forward(self, x):  # (B, 3, H, W)
+        coarse = F.interpolate(F.interpolate(x, scale_factor=0.5, mode="nearest"), size=x.shape[-2:], mode="nearest")
+        return (x - coarse) * 4
+
+
+class HighPass(nn.Module):
+    """A fixed high-pass residual: the image minus its 3x3 local mean (a box blur), scaled like NPR.
+    Keeps the pixel-level noise a camera or a generator leaves, drops the face's shape and colour."""
+
+    def forward(self, x):
+        return (x - F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)) * 4
+
+
+# --input_filter: what the backbone sees, computed inside the model (so predict.py, Grad-CAM and ONNX
+# export apply it with no extra step); none of these holds weights, so checkpoints keep their keys
+INPUT_FILTERS = {"none": nn.Identity, "npr": NeighbourResidual, "highpass": HighPass}
+
+
 class DeepfakeDetector(nn.Module):
     """Backbone + two-class head.
 
@@ -213,12 +241,14 @@ class DeepfakeDetector(nn.Module):
         freeze_backbone: train the head only (backbone weights and BatchNorm statistics fixed).
         image_size: input size; only fixed-size networks (vit_b_16) are built for it, CNNs
             take any size. Pass the checkpoint's args["image_size"] when rebuilding one.
+        input_filter: a key of INPUT_FILTERS: what the backbone sees (the image, or a residual of it).
     """
 
     def __init__(self, name="resnet18", weights="imagenet", num_classes=2, freeze_backbone=False,
-                 image_size=None):
+                 image_size=None, input_filter="none"):
         super().__init__()
         check_name(name)
+        self.input_filter = INPUT_FILTERS[input_filter]()
         net = _build(name, weights, image_size)
         if weights in (None, "none"):
             # MobileNetV3 keeps BatchNorm statistics with momentum 0.01 (tuned for
@@ -243,7 +273,11 @@ class DeepfakeDetector(nn.Module):
         self.freeze_backbone(freeze_backbone)
 
     def forward(self, x):
-        return self.head(self.backbone(x))  # (B, 3, H, W) -> (B, D) -> (B, num_classes)
+        return self.head(self.features(x))  # (B, 3, H, W) -> (B, D) -> (B, num_classes)
+
+    def features(self, x):
+        """What the head reads: (B, 3, H, W) -> (B, D)."""
+        return self.backbone(self.input_filter(x))
 
     def param_groups(self, lr, backbone_lr_scale=1.0):
         """Optimizer groups: backbone at lr * backbone_lr_scale, head at lr.
@@ -266,3 +300,12 @@ class DeepfakeDetector(nn.Module):
         if self.backbone_frozen:
             self.backbone.eval()  # frozen means BatchNorm running statistics stay fixed too
         return self
+
+
+def detector_from(config, weights="none"):
+    """The DeepfakeDetector that a run's configuration (main.py's flags, a checkpoint's "args") describes:
+    the one place that maps flags to the constructor, for a new run and for a checkpoint loaded back.
+    A new model option is a constructor argument and a line here (and its flag in main.py)."""
+    return DeepfakeDetector(config["model"], weights, freeze_backbone=bool(config.get("freeze_backbone")),
+                            image_size=config.get("image_size"),  # ViT's position grid depends on it
+                            input_filter=config.get("input_filter", "none"))

@@ -147,25 +147,7 @@ def write_summary(out, info):
     lines += ["", "Positive class = fake. Precision/recall/F1 are for the fake class; "
               "per-class numbers are in [classification_report.txt](classification_report.txt).", ""]
     if info.get("test_sets"):
-        lines += ["## Cross-dataset", "", "The best checkpoint on other folders, at the threshold chosen on "
-                  "validation. ROC-AUC needs both classes; a folder of one kind shows the share called fake. The "
-                  "last column counts a folder's images whose bytes are in this run's training or validation split "
-                  "(then it is not held out).", "",
-                  "| set | images (real / fake) | ROC-AUC | accuracy | EER | called fake | not held out |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
-        for row in info["test_sets"]:
-            if "error" in row:
-                lines.append(f"| {row['name']} | not scored: {row['error']} | | | | | |")
-                continue
-            counts = f"{row['real']} / {row['fake']}" if row.get("real") is not None else \
-                f"{row['n_images']} (unlabelled)"
-            number = lambda key: f"{row[key]:.4f}" if key in row else "-"  # noqa: E731
-            counts += f", {row['unreadable']} unreadable skipped" if row.get("unreadable") else ""
-            seen = row.get("seen_in_training", 0)
-            lines.append(f"| {row['name']} | {counts} | {number('roc_auc')} | {number('accuracy')} | "
-                         f"{number('eer')} | {row['called_fake']:.3f} | "
-                         f"{f'**{seen} in train/val**' if seen else 'none'} |")
-        lines.append("")
+        lines += beyond_training(info["test_sets"], m["threshold"], info.get("trained_on", ""))
     lines += ["## Data", ""] + [f"- {k}: {v}" for k, v in info["data"].items()] + [""]
     if info.get("training"):
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info["training"].items()] + [""]
@@ -178,6 +160,48 @@ def write_summary(out, info):
               "`history.csv` (per epoch), `args.json` (every flag), `split.csv` (which image went where), "
               "`checkpoints/` (last.pt, best.pt).", ""]
     (out / "summary.md").write_text("\n".join(lines))
+
+
+def beyond_training(rows, threshold, trained_on):
+    """The summary.md section on data the model never trained on: one row per --test_sets folder and per
+    pairing of a one-kind folder with the other kind (evaluate.pair_rows)."""
+    share = lambda row, key: "-" if row.get(key) is None else f"{row[key]:.3f}"  # noqa: E731
+    lines = ["## Beyond its training data", "", f"{trained_on} Below: how it does on other folders. ROC-AUC is "
+             "threshold-free and needs both kinds: a folder of one kind is ranked against the other kind (a "
+             "fake-only folder against this run's test reals and against each real-only folder named; a real-only "
+             "folder against the test fakes). The shares called fake are at the stored threshold "
+             f"{threshold:.3f}, chosen on the in-domain validation split.", "",
+             "| set | against | images (real / fake) | ROC-AUC | fakes called fake | reals called fake |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['name']} | not scored: {row['error']} | | | | |")
+            continue
+        name, against = (row["fakes"], row["reals"]) if row.get("kind") == "pair" else (row["name"], "itself")
+        if row.get("kind") in ("fakes", "reals"):
+            against = "(one kind: paired below)"
+        counts = f"{row['real']} / {row['fake']}" if row.get("real") is not None else \
+            f"{row['n_images']} (unlabelled, called fake {row['called_fake']:.3f})"
+        auc = f"{row['roc_auc']:.4f}" if row.get("roc_auc") is not None and row["roc_auc"] == row["roc_auc"] else "-"
+        lines.append(f"| {name} | {against} | {counts} | {auc} | {share(row, 'fakes_called_fake')} | "
+                     f"{share(row, 'reals_called_fake')} |")
+        if row.get("unreadable"):
+            notes.append(f"- {row['name']}: {row['unreadable']} unreadable skipped")
+        if row.get("seen_in_training"):
+            notes.append(f"- {row['name']}: **{row['seen_in_training']} in train/val**: its images are in this "
+                         f"run's training or validation split, so it is not held out")
+    return lines + [""] + notes + ([""] if notes else [])
+
+
+def trained_on(data, root):
+    """One plain sentence: what the model learned real and fake from."""
+    train = data.datasets["train"].samples
+    blends, extra = sum(s.pseudo for s in train), sum(s.extra for s in train)
+    real, fake = sum(s.label == 0 for s in train), sum(s.label == 1 for s in train)
+    return (f"The model trained on {real} real and {fake} fake images from `{root}`"
+            + (f" ({blends} of the fakes self-blended from its reals)" if blends else "")
+            + (f", {extra} of them from --train_extra folders" if extra else "") + ", and on nothing else.")
 
 
 def data_story(data):

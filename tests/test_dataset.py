@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import dataset
+import presets
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -27,9 +28,9 @@ def pool(tmp_path):
     return tmp_path / "data"
 
 
-def prepare(root, tmp_path, **kw):
-    kw = {"image_size": 16, "mean": MEAN, "std": STD, "cache_dir": tmp_path / "cache", "workers": 0, **kw}
-    return dataset.prepare_data(root, **kw)
+def prepare(root, tmp_path, image_size=16, augment="none", **kw):
+    transforms = presets.transforms({"image_size": image_size, "augment": augment}, MEAN, STD)
+    return dataset.prepare_data(root, transforms, **{"cache_dir": tmp_path / "cache", "workers": 0, **kw})
 
 
 def split_of(data):
@@ -214,7 +215,6 @@ def augmented_face(augment, seeds=40):
     """The sample face as evaluation sees it, and as `augment` gives it under each of `seeds` seeds."""
     from conftest import sample_face
 
-    import presets
     img = torch.from_numpy(sample_face().copy()).permute(2, 0, 1)
     plain = presets.eval_transform(256, [0.5] * 3, [0.5] * 3, crop_pct=1)(img)
     transform = presets.train_transform(256, [0.5] * 3, [0.5] * 3, augment, crop_pct=1)

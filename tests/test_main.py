@@ -324,4 +324,4 @@ def test_test_sets_add_a_cross_dataset_table(trained_run, sample_root, tmp_path)
     assert rows["one_kind"]["n_images"] == 5 and "roc_auc" not in rows["one_kind"]
     assert 0 <= rows["one_kind"]["called_fake"] <= 1
     summary = (tmp_path / "out" / "evaluation" / "summary.md").read_text()
-    assert "| labelled | 100 / 100 |" in summary and "| one_kind | 5 (unlabelled) |" in summary
+    assert "| labelled | itself | 100 / 100 |" in summary and "| one_kind | itself | 5 (unlabelled, called fake" in summary

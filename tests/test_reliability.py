@@ -106,7 +106,8 @@ def test_bad_test_sets_cost_nothing_but_their_row(trained_run, sample_root, tmp_
         "--test_sets", f"broken={broken}", f"mixed={mixed}", f"fakes_only={one_class}"]))
     text = (out / "evaluation" / "metrics.json").read_text()
     rows = {r["name"]: r for r in json.loads(text)["test_sets"]}  # strict JSON: NaN would not parse
-    assert "NaN" not in text and rows["fakes_only"]["roc_auc"] is None
+    assert "NaN" not in text and rows["fakes_only"]["kind"] == "fakes" and "roc_auc" not in rows["fakes_only"]
+    assert 0 <= rows["fakes_only vs test reals"]["roc_auc"] <= 1  # one kind: ranked against the test reals
     assert "none of its 3 images could be read" in rows["broken"]["error"]
     assert rows["mixed"]["unreadable"] == 1 and rows["mixed"]["n_images"] == 8
     summary = (out / "evaluation" / "summary.md").read_text()
