@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import DataLoader
 
 import dataset
@@ -80,7 +79,7 @@ def train_and_infer(ds, eval_ds, precision, workers, compiled, scoring, args):
     model = precision.prepare(DeepfakeDetector("resnet18", weights="none"))
     net = torch.compile(model) if compiled else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    criterion = nn.CrossEntropyLoss()
+    criterion = engine.make_criterion({})
 
     def train_step(images, labels):
         with precision.autocast():
@@ -215,7 +214,7 @@ def bench_features(args, head_epochs=5):
     train_ds.transform = data.datasets["val"].transform  # no augmentation: what the fast path requires
     precision.prepare(model)
     train = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
-    criterion = torch.nn.CrossEntropyLoss()
+    criterion = engine.make_criterion({})
     optimizer = torch.optim.AdamW(model.param_groups(1e-4), lr=1e-4)
     epoch = lambda net, loader: timed(lambda: engine.train_one_epoch(net, criterion, optimizer, loader,  # noqa
                                                                       precision, 0))

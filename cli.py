@@ -95,6 +95,16 @@ def progress(iterable, desc, unit="batch", **kwargs):
     return tqdm(iterable, desc=desc, leave=False, unit=unit, disable=True if _silent else None, **kwargs)
 
 
+def interruptible(main, *args):
+    """Run an entry script's main(*args); Ctrl-C ends it with one line and exit code 130 (what a shell
+    reports for it), not a traceback. What main() keeps of its work on Ctrl-C is its own business."""
+    try:
+        return main(*args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 def silence():
     """From now on this process prints nothing and shows no progress bar (errors still go to stderr)."""
     global _silent

@@ -6,17 +6,14 @@
     python compare.py --recipes experiments/from_scratch.txt --seeds 0 1 2 \\
         --data_root ../shared/data/faces140k --weights none --output_dir results/from_scratch
 
---recipes FILE holds one `name: main.py flags` per line. Every recipe runs once per --seed
-(the seed sets the split, the initial weights and the batches), each in its own folder
-<output_dir>/recipes/<name>/seed<k>/, and <output_dir>/<FILE's name>.md tabulates validation and test ROC-AUC
-as mean +/- std over the seeds, --test_sets AUCs, training minutes and img/s. Pick a recipe
-by its validation AUC: the test column is the report, not a knob. Started again with the same
-flags (after a stop, or with more recipes or seeds), it keeps the runs that finished.
+--recipes FILE: recipes.py runs every `name: main.py flags` line of FILE once per --seed and
+tabulates them (its docstring says how).
 
-Every flag except --models is main.py's and is passed to each `python main.py` run
+--models: every flag except --models is main.py's and is passed to each `python main.py` run
 unchanged, with --model NAME and --output_dir <output_dir>/compare/NAME added. --image_size defaults
 to 224 for every model (not each model's own preset: efficientnet_v2_s would get 384,
-which is no fair race), so all models read the same cached pixels.
+which is no fair race), so all models read the same cached pixels. Every flag is checked by
+main.py's parser before the first run.
 
 Writes <output_dir>/model_comparison.md and .png: test accuracy, F1, ROC-AUC (at the
 threshold chosen on val), parameters, training time (sum of the epochs' train + val
@@ -26,11 +23,7 @@ report stays in its own folder, with the run's output in train.log.
 import argparse
 import csv
 import hashlib
-import itertools
 import json
-import re
-import shlex
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -42,18 +35,9 @@ import matplotlib.pyplot as plt
 
 import engine
 from model import check_name
+from recipes import MAIN, compare_recipes, refused_flags, run_main, shared_flags
 
 FAIR_IMAGE_SIZE = 224
-QUALITY = 0.90  # time to quality: the minutes of training until validation ROC-AUC first reached this
-UNSEEN_MEAN = "unseen mean"  # the mean ROC-AUC over the --test_sets columns: data the model never trained on
-MAIN = Path(__file__).resolve().with_name("main.py")
-
-
-def last_message(log_text):
-    """The last meaningful line of a run's output: the error message or exception."""
-    lines = [ln.strip() for ln in log_text.replace("\r", "\n").splitlines() if ln.strip()]
-    errors = [ln for ln in lines if "error" in ln.lower() or ln.startswith(("Traceback", "Killed"))]
-    return (errors or lines or ["no output"])[-1][:300]
 
 
 def bare_torch_memory_mib():
@@ -61,43 +45,6 @@ def bare_torch_memory_mib():
     code = "import torch, torchvision, utils; print(utils.peak_memory_mib())"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=MAIN.parent)
     return float(done.stdout.strip() or 0)
-
-
-def without_overwrite(flags):
-    """The flags that decide a run's result: --overwrite only lets it replace an earlier one."""
-    return [f for f in flags if f != "--overwrite"]
-
-
-def finished(argv, folder):
-    """True if `folder` holds a completed run of exactly these flags (a grid started again after a stop
-    keeps its finished runs; delete a folder to run it anew)."""
-    command, metrics = folder / "command.json", folder / "metrics.json"
-    if not (command.is_file() and metrics.is_file() and metrics.stat().st_mtime >= command.stat().st_mtime):
-        return False
-    if without_overwrite(json.loads(command.read_text())) != without_overwrite(argv):
-        return False
-    print(f"== {' '.join(argv)}: kept the finished run in {folder} (delete it to run it again)")
-    return True
-
-
-def run_main(argv, folder):
-    """python main.py ARGV --output_dir FOLDER, its output in FOLDER/train.log; None, or why it failed.
-
-    A subprocess, not a function call: a run that crashes or runs out of memory loses only its
-    own row, and the peak memory main.py records then belongs to that run alone."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "command.json").write_text(json.dumps(argv))  # what finished() compares a later grid's flags with
-    print(f"== {' '.join(argv)}: output in {folder / 'train.log'}", flush=True)
-    with open(folder / "train.log", "w") as log:
-        rc = subprocess.run([sys.executable, str(MAIN), *argv, "--output_dir", str(folder)],
-                            stdout=log, stderr=subprocess.STDOUT).returncode
-    if rc == 0:
-        return None
-    why = f"exit code {rc}: {last_message((folder / 'train.log').read_text(errors='replace'))}"
-    print(f"   failed ({why})")
-    if rc == 2:  # argparse: a shared flag is wrong, and would be wrong for every run
-        sys.exit(f"error: main.py refused the flags: {why.split(': ', 1)[1]}")
-    return why
 
 
 def run_model(name, argv, out):
@@ -181,6 +128,9 @@ def compare(models, argv):
     if md.exists() and not shared.overwrite:
         sys.exit(f"{md} already holds a comparison; pass --overwrite to replace it (and the runs "
                  f"in {out / 'compare'}), or pick another --output_dir")
+    refused = refused_flags([[*argv, "--model", "resnet18"]])[0]
+    if refused:  # a shared flag is wrong for every model: stop before the first run
+        sys.exit(f"error: main.py refused the flags: {refused}")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in models:
@@ -206,157 +156,6 @@ def compare(models, argv):
     return rows
 
 
-RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # it names a folder: no path separators
-
-
-def read_recipes(path):
-    """{name: [main.py flags]} from lines `name: flags` ('#' starts a comment). A bad file stops
-    with one line naming the line: no colon, a name that is no plain folder name, a name used
-    twice, an unclosed quote, or no recipe at all."""
-    try:
-        text = Path(path).read_text()
-    except OSError as e:
-        sys.exit(f"error: {path}: cannot read the recipes file ({e.strerror})")
-    recipes = {}
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        name, colon, flags = (part.strip() for part in line.partition(":"))
-        where = f"error: {path}, line {number}"
-        if not colon:
-            sys.exit(f"{where}: expected 'name: main.py flags', got {line!r}")
-        if not RECIPE_NAME.fullmatch(name):
-            sys.exit(f"{where}: recipe name {name!r} names a folder: use letters, digits and _ . + -")
-        if name in recipes:
-            sys.exit(f"{where}: recipe {name!r} is already defined above")
-        try:
-            recipes[name] = shlex.split(flags)
-        except ValueError as e:  # shlex: "No closing quotation"
-            sys.exit(f"{where}: {e}")
-    if not recipes:
-        sys.exit(f"error: {path}: no recipes in it (one 'name: main.py flags' per line)")
-    return recipes
-
-
-def mean_std(values):
-    values = [v for v in values if v is not None and v == v]  # drop NaN and null (JSON's NaN)
-    if not values:
-        return "-"
-    return f"{statistics.mean(values):.4f} ± {statistics.stdev(values):.4f}" if len(values) > 1 \
-        else f"{values[0]:.4f}"
-
-
-def reached(runs):
-    """'mean minutes (k of n seeds)' until validation AUC first reached QUALITY; '-' if no seed did."""
-    times = [r["to_quality"] for r in runs if r["to_quality"] is not None]
-    return f"{statistics.mean(times):.1f} ({len(times)} of {len(runs)})" if times else "-"
-
-
-def beyond_training_columns(test_sets):
-    """({column: ROC-AUC}, {column: share of reals called fake}) of a run's --test_sets rows: every labelled
-    folder, and every fake-only folder against the test reals and against the real-only folders named (pooled).
-    The other pairings (each real-only folder alone) stay in the run's summary.md, to keep the table narrow."""
-    rows = [r for r in test_sets[1:] if "error" not in r]
-    named_fakes = {r["name"] for r in rows if r.get("kind") == "fakes"}
-    named_reals = [r["name"] for r in rows if r.get("kind") == "reals"]
-    pooled = "+".join(named_reals)
-    aucs, false_alarms = {}, {}
-    for r in rows:
-        if r.get("kind") in ("labelled", None) and r.get("roc_auc") is not None:  # None: before pairing existed
-            aucs[r["name"]] = r["roc_auc"]
-        elif r.get("kind") == "pair" and r["fakes"] in named_fakes and r["reals"] in ("test reals", pooled):
-            aucs[r["name"]] = r["roc_auc"]
-            if r["reals"] == pooled:
-                false_alarms[f"{pooled} called fake"] = r["reals_called_fake"]
-    return aucs, false_alarms
-
-
-def recipe_row(folder):
-    """What one finished recipe run left: val/test AUC, the AUCs beyond its training data and their mean,
-    minutes, img/s."""
-    metrics = json.loads((folder / "metrics.json").read_text())
-    with open(folder / "history.csv", newline="") as f:
-        history = list(csv.DictReader(f))
-    best = history[metrics["best_epoch"] - 1]
-    elapsed = itertools.accumulate(float(h["epoch_s"]) / 60 for h in history)
-    hits = [m for h, m in zip(history, elapsed) if float(h["val_auc"]) >= QUALITY]
-    aucs, false_alarms = beyond_training_columns(metrics.get("test_sets", []))
-    known = [v for v in aucs.values() if v is not None and v == v]
-    return {"val_auc": float(best["val_auc"]), "test_auc": metrics["at_val_threshold"]["roc_auc"],
-            "to_quality": hits[0] if hits else None,  # None: validation never reached QUALITY
-            "sets": {**aucs, UNSEEN_MEAN: statistics.mean(known) if known else float("nan")},
-            "called_fake": false_alarms,
-            "minutes": sum(float(h["epoch_s"]) for h in history) / 60,
-            "img_s": statistics.mean(float(h["train_img_s"]) for h in history)}
-
-
-def compare_recipes(recipes_file, seeds, argv):
-    """Run every recipe once per seed; write <recipes file name>.md (mean +/- std over seeds). Returns the rows."""
-    recipes = read_recipes(recipes_file)  # a bad line stops here, before any run
-    shared, _ = shared_flags().parse_known_args(argv)
-    out = Path(shared.output_dir)
-    md = out / f"{Path(recipes_file).stem}.md"  # several recipe files can share one output folder and its runs
-    if md.exists() and not shared.overwrite:
-        sys.exit(f"{md} already holds a comparison; pass --overwrite to replace it, or pick another --output_dir")
-    rows = {}
-    for name, flags in recipes.items():
-        runs = []
-        for seed in seeds:
-            folder = out / "recipes" / name / f"seed{seed}"
-            run_argv = [*argv, *flags, "--seed", str(seed)]
-            error = None if finished(run_argv, folder) else run_main(run_argv, folder)
-            runs.append({"error": error} if error else recipe_row(folder))
-        rows[name] = {"flags": " ".join(flags), "runs": runs}
-        ok = [r for r in runs if "error" not in r]
-        unseen = [r["sets"][UNSEEN_MEAN] for r in ok if UNSEEN_MEAN in r["sets"]]
-        print(f"   {name}: test ROC-AUC {mean_std([r['test_auc'] for r in ok])}"
-              + (f", {UNSEEN_MEAN} {mean_std(unseen)}" if unseen else "") + f" over {len(ok)} seed(s)")
-    ok_runs = [r for row in rows.values() for r in row["runs"] if "error" not in r]
-    sets = list(dict.fromkeys(s for r in ok_runs for s in r["sets"] if s != UNSEEN_MEAN))
-    sets += [UNSEEN_MEAN] if sets else []
-    alarms = list(dict.fromkeys(c for r in ok_runs for c in r["called_fake"]))
-    lines = ["# Training recipes", "", f"Command: `python compare.py --recipes {recipes_file} --seeds "
-             f"{' '.join(map(str, seeds))} {' '.join(argv)}`", "",
-             "| recipe | flags | val ROC-AUC | test ROC-AUC | " + "".join(f"{s} ROC-AUC | " for s in sets)
-             + "".join(f"{c} | " for c in alarms)
-             + f"minutes to val AUC {QUALITY} | training minutes | train img/s | seeds |",
-             "| --- | --- | --- | --- | " + "--- | " * (len(sets) + len(alarms)) + "--- | --- | --- | --- |"]
-    for name, row in rows.items():
-        ok = [r for r in row["runs"] if "error" not in r]
-        failed = "; ".join(r["error"] for r in row["runs"] if "error" in r).replace("|", "/")
-        cells = [name, f"`{row['flags']}`", mean_std([r["val_auc"] for r in ok]), mean_std([r["test_auc"] for r in ok]),
-                 *(mean_std([r["sets"].get(s, float("nan")) for r in ok]) for s in sets),
-                 *(mean_std([r["called_fake"].get(c, float("nan")) for r in ok]) for c in alarms),
-                 reached(ok),
-                 f"{statistics.mean(r['minutes'] for r in ok):.1f}" if ok else "-",
-                 f"{statistics.mean(r['img_s'] for r in ok):.1f}" if ok else "-",
-                 f"{len(ok)}" + (f" (failed: {failed})" if failed else "")]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± standard deviation over the seeds; each seed has its own split, initial weights and "
-              "batches. Validation AUC is the best epoch's (the one kept); test AUC is that checkpoint on the test "
-              "split, at the threshold chosen on validation. Choose by validation, report test. The --test_sets "
-              "columns are folders the model never trained on (a fake-only folder ranked against the test reals "
-              f"and against the real-only folders named, pooled); {UNSEEN_MEAN} is their mean per run. Once recipes "
-              "are chosen by them, they are validation for that choice, no longer a test. \"called fake\": the "
-              "share of those reals called fake at the stored threshold. Minutes to val AUC: "
-              f"training time (train + validation) until the first epoch whose validation ROC-AUC >= {QUALITY}, "
-              "averaged over the seeds that got there.", ""]
-    md.parent.mkdir(parents=True, exist_ok=True)
-    md.write_text("\n".join(lines))
-    print(f"wrote {md}")
-    return rows
-
-
-def shared_flags():
-    """The few main.py flags compare.py itself needs; main.py checks all of them."""
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--output_dir", default="results")
-    parser.add_argument("--overwrite", action="store_true")
-    parser.add_argument("--image_size", default=None)
-    return parser
-
-
 def get_args_parser():
     """compare.py's own flags; every other flag is passed to main.py."""
     parser = argparse.ArgumentParser(description="Compare backbones on one split, or recipes over seeds; "
@@ -380,6 +179,9 @@ def parse_args(argv=None):
 if __name__ == "__main__":
     ours, rest = get_args_parser().parse_known_args()
     if ours.recipes:
-        compare_recipes(ours.recipes, ours.seeds, rest)
+        failed = [r for row in compare_recipes(ours.recipes, ours.seeds, rest).values() for r in row["runs"]
+                  if "error" in r]
     else:
-        compare(*parse_args())
+        failed = [r for r in compare(*parse_args()) if "error" in r]
+    if failed:  # the table has every row; the exit code says that some of them failed
+        sys.exit(f"{len(failed)} run(s) failed: see the 'failed' cells of the table")

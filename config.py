@@ -20,6 +20,7 @@ import dataset
 import detect
 import engine
 import model
+import report
 import utils
 from media import IMAGE_EXTS
 
@@ -171,7 +172,8 @@ def take_flags_from_checkpoint(args, saved):
         own = EVALUATION_OWN | ({"data_root", "max_per_class", "train_extra"} if args.eval_split == "all" else set())
         may_change = EVALUATION_MAY_CHANGE
     else:
-        own = set() if args.resume else {"output_dir"}  # a bare --resume continues where it found last.pt
+        # --resume PATH writes where that run wrote; a bare --resume continues where it found last.pt
+        own = set() if (args.resume or args.checkpoint) else {"output_dir"}
         may_change = RESUME_MAY_CHANGE
     for key, theirs in saved.items():
         if key in OWN or key in own or key not in vars(args):
@@ -190,11 +192,15 @@ def take_flags_from_checkpoint(args, saved):
 
 
 def checkpoint_to_start_from(args):
-    """(path, checkpoint) that --evaluate_only or --resume starts from."""
+    """(path, checkpoint) that --evaluate_only or --resume starts from. --resume takes a path of its own
+    (--resume PATH); a bare --resume also accepts --checkpoint PATH, so either spelling works."""
     if args.evaluate_only:
-        path = Path(args.checkpoint or Path(args.output_dir) / "checkpoints" / "best.pt")
+        path, flag = Path(args.checkpoint or Path(args.output_dir) / "checkpoints" / "best.pt"), "--checkpoint"
     else:
-        path = Path(args.resume or Path(args.output_dir) / "checkpoints" / "last.pt")
+        path = Path(args.resume or args.checkpoint or Path(args.output_dir) / "checkpoints" / "last.pt")
+        flag = "--resume"
+    if not path.is_file():
+        sys.exit(f"error: {path}: checkpoint not found; train first (python main.py), or pass {flag} PATH")
     try:
         return path, engine.load_checkpoint(path)
     except engine.CheckpointError as e:
@@ -232,6 +238,11 @@ def use_sample_if_no_data(args):
 
 _held = {}  # run folder -> its open lock file, for as long as this process lives
 
+# What a run (or an evaluation) writes besides checkpoints/: removed when --overwrite replaces it, or when
+# --resume goes on training (written anew at the end), so that a folder never describes a model it does
+# not hold, even after a Ctrl-C.
+REPORT_FILES = ("summary.md", "metrics.json", "predictions.csv", "classification_report.txt", *report.PLOTS)
+
 
 def hold_output_dir(out):
     """Lock the run folder for this process's lifetime: a second process writing into it at the same
@@ -245,34 +256,60 @@ def hold_output_dir(out):
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        sys.exit(f"error: another run is writing to {out} (process {handle.read().strip() or '?'}); wait for it "
-                 f"to end or pick another --output_dir")
+        sys.exit(f"error: another run or evaluation is using {out} (process {handle.read().strip() or '?'}); wait "
+                 f"for it to end or pick another --output_dir")
     handle.truncate(0)
     handle.write(str(os.getpid()))
     handle.flush()
     _held[key] = handle  # kept open: closing it would release the lock
 
 
-def prepare_output(args, resume_path, write=True):
-    """The run folder, locked; never replaces an earlier run or evaluation unless asked. write=False
-    (torchrun's ranks > 0) makes the same checks and changes nothing: rank 0 alone writes."""
-    out = Path(args.output_dir) / ("evaluation" if args.evaluate_only else "")
+def remove(paths, why):
+    """Delete files and folders this project wrote, saying so once."""
+    paths = [p for p in paths if p.exists()]
+    for p in paths:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if paths:
+        print(f"note: {why}: removed {', '.join(p.name for p in paths)}")
+
+
+def prepare_output(args, ckpt_path, write=True):
+    """The run folder, locked; never replaces an earlier run or evaluation unless asked. An evaluation
+    also holds the lock of the run whose checkpoint it scores, so it never reads a best.pt that a training
+    is rewriting. write=False (torchrun's ranks > 0) makes the same checks and changes nothing."""
+    run = Path(args.output_dir)
+    out = run / ("evaluation" if args.evaluate_only else "")
+    for folder in (run, out):
+        if folder.exists() and not folder.is_dir():
+            sys.exit(f"error: --output_dir {folder} is a file, not a folder; pick another --output_dir")
     last, best = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
     if write:
         hold_output_dir(out)
+        if args.evaluate_only and ckpt_path is not None and ckpt_path.parent.name == "checkpoints":
+            try:
+                hold_output_dir(ckpt_path.parent.parent)  # the run that wrote it: not while it trains
+            except OSError:
+                pass  # a folder we may not write to (someone else's checkpoints): no training of ours writes there
     finished = (out / "summary.md").exists() or (out / "metrics.json").exists()
-    if args.evaluate_only and finished and not args.overwrite:
-        sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
-    if resume_path is None and not args.evaluate_only and last.exists():
+    if args.evaluate_only:
+        if finished and not args.overwrite:
+            sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
+        if write:
+            remove([out / f for f in REPORT_FILES], f"replacing the evaluation in {out}")
+        return out
+    resuming = args.resume is not None
+    if not resuming and (last.exists() or finished):
         if not args.overwrite:
             sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, "
                      f"or replace it with --overwrite")
-        if write:
-            last.unlink()
-            best.unlink(missing_ok=True)  # asked for: an old best.pt must not pass for the new run's
-    if write and resume_path is not None and not best.exists() and (resume_path.parent / "best.pt").exists():
+        if write:  # asked for: nothing of the old run may pass for the new one's
+            remove([last, best, out / "evaluation", out / "history.csv", *(out / f for f in REPORT_FILES)],
+                   f"replacing the run in {out}")
+    if write and resuming:
+        remove([out / f for f in REPORT_FILES], "training goes on, the report is written anew when it ends")
+    if write and resuming and not best.exists() and (ckpt_path.parent / "best.pt").exists():
         best.parent.mkdir(parents=True, exist_ok=True)  # resumed into a new folder: keep the best so far
-        shutil.copy2(resume_path.parent / "best.pt", best)
+        shutil.copy2(ckpt_path.parent / "best.pt", best)
     return out
 
 

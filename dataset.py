@@ -18,10 +18,8 @@ split only. Balancing (oversampling) happens after the split, on train only.
 import csv
 import hashlib
 import json
-import math
 import os
 import random
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -232,6 +230,9 @@ def find_extra_samples(root):
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"{root}: --train_extra folder not found")
+    if not any((root / d).is_dir() for d in CLASS_DIRS):
+        raise DatasetError(f"{root}: --train_extra needs real_data/ or fake_data/ inside (either is enough), "
+                           f"e.g. python faces.py --input VIDEOS --output {root / 'real_data'}")
     return [replace(s, split="train", extra=True) for s in _class_samples(root, "train", both=False)]
 
 
@@ -284,7 +285,8 @@ class Data:
     conflicts: list = field(default_factory=list) # paths of images found in both classes, left out
     duplicates: int = 0                           # byte-identical copies found
     dropped_copies: int = 0                       # pre-split: val/test copies of train files, removed
-    dropped_extra: int = 0                        # --train_extra files also in val/test (bytes or video), removed
+    dropped_extra: dict = field(default_factory=dict)  # --train_extra files left out: "copies" of root files
+    #   ("copies_held_out" of them of val/test files), "same_video_held_out" (frames of val/test videos)
     multi_file_groups: int = 0                    # groups of >1 file (video frames, copies)
     presplit: bool = False
 
@@ -304,17 +306,17 @@ def prepare_data(root, transforms, val_fraction=0.15, test_fraction=0.15, seed=0
     size = transforms.cache_size
     cache, corrupt = build_cache(samples, size, cache_dir, workers)
     if corrupt:
-        warnings.warn(f"skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
-                      + "\n  ".join(f"{p} ({e})" for p, e in list(corrupt.items())[:20])
-                      + ("\n  ..." if len(corrupt) > 20 else ""), stacklevel=2)
+        print(f"warning: skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
+              + "\n  ".join(f"{p} ({e})" for p, e in list(corrupt.items())[:20])
+              + ("\n  ..." if len(corrupt) > 20 else ""))
     samples = [s for s in samples if s.path not in corrupt]
     in_root = {s.digest for s in samples if not s.extra}  # a --train_extra copy of a root file is left out
-    copies = sum(s.extra and s.digest in in_root for s in samples)
+    copies = [s.digest for s in samples if s.extra and s.digest in in_root]
     samples, conflicts = drop_cross_class_copies([s for s in samples if not (s.extra and s.digest in in_root)])
     if conflicts:
-        warnings.warn(f"left out {len(conflicts)} file(s) whose bytes are in both real_data and fake_data; "
-                      f"keep each image in one class:\n  " + "\n  ".join(conflicts[:20])
-                      + ("\n  ..." if len(conflicts) > 20 else ""), stacklevel=2)
+        print(f"warning: left out {len(conflicts)} file(s) whose bytes are in both real_data and fake_data; "
+              f"keep each image in one class:\n  " + "\n  ".join(conflicts[:20])
+              + ("\n  ..." if len(conflicts) > 20 else ""))
     for label, name in enumerate(CLASS_DIRS):
         if not any(s.label == label for s in samples):
             raise DatasetError(f"{root}: no readable images left in {name}/; nothing to train on")
@@ -329,7 +331,10 @@ def prepare_data(root, transforms, val_fraction=0.15, test_fraction=0.15, seed=0
         split_groups(root, val_fraction, test_fraction, seed)  # the split is the same with or without extras
     held_out = {s.group for s in root if s.split != "train"}
     kept = [s for s in extras if s.group not in held_out]
-    samples, dropped_extra = root + kept, copies + len(extras) - len(kept)
+    split_of = {s.digest: s.split for s in root}
+    dropped_extra = {"copies": len(copies), "copies_held_out": sum(split_of.get(d) in ("val", "test") for d in copies),
+                     "same_video_held_out": len(extras) - len(kept)}
+    samples = root + kept
     sizes = Counter(s.group for s in samples)
     tf = {"train": transforms.train, "val": transforms.eval, "test": transforms.eval}
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
@@ -383,55 +388,9 @@ def write_split_csv(samples, path):
             w.writerow([s.path, s.label, CLASSES[s.label], s.split, s.group, s.digest])
 
 
-def balanced_sampler(dataset):
-    """WeightedRandomSampler drawing each class equally often (train split only).
-
-    It draws from torch's global RNG, which main.py re-seeds every epoch so that
-    a resumed run sees the same batches as an uninterrupted one.
-    """
-    counts = Counter(dataset.targets)
-    weights = torch.tensor([1.0 / counts[t] for t in dataset.targets], dtype=torch.double)
-    return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True)
-
-
-class PairedBatchSampler(torch.utils.data.Sampler):
-    """Training batches in which each real face and its self-blend travel together, as SBI
-    (Shiohara & Yamasaki, CVPR 2022) trains: identity, pose and background then no longer tell
-    real from fake, only the blending traces do. Every other image is paired with another at
-    random, so a batch holds batch_size // 2 pairs. The order comes from torch's generator,
-    which main.py seeds per epoch: a resumed run draws the same batches."""
-
-    def __init__(self, dataset, batch_size):
-        blend_of = {s.row: i for i, s in enumerate(dataset.samples) if s.pseudo}
-        self.pairs = [(i, blend_of[s.row]) for i, s in enumerate(dataset.samples)
-                      if not s.pseudo and s.label == 0 and s.row in blend_of]
-        paired = {i for pair in self.pairs for i in pair}
-        self.singles = [i for i in range(len(dataset)) if i not in paired]
-        self.per_batch = max(1, batch_size // 2)  # pairs per batch
-
-    def __iter__(self):
-        singles = [self.singles[k] for k in torch.randperm(len(self.singles)).tolist()]
-        units = self.pairs + [tuple(singles[k:k + 2]) for k in range(0, len(singles), 2)]
-        order = [units[k] for k in torch.randperm(len(units)).tolist()]
-        for k in range(0, len(order), self.per_batch):
-            yield [i for unit in order[k:k + self.per_batch] for i in unit]
-
-    def __len__(self):
-        return math.ceil((len(self.pairs) + math.ceil(len(self.singles) / 2)) / self.per_batch)
-
-
 def oversample(dataset):
     """Repeat minority-class training samples until classes are equal (after the split, never before)."""
     by_label = {c: [s for s in dataset.samples if s.label == c] for c in set(dataset.targets)}
     most = max(len(v) for v in by_label.values())
     samples = [s for v in by_label.values() for s in (v * (most // len(v) + 1))[:most]]
     return DeepfakeDataset(samples, dataset.transform, dataset.cache, dataset.size, dataset.blend)
-
-
-def with_pseudo_fakes(train, blend, only=False):
-    """The training split plus a pseudo-fake (label fake) made by `blend` from every real image;
-    only=True drops the split's own fakes, so the fakes come from blending alone."""
-    reals = [s for s in train.samples if s.label == 0]
-    pseudo = [replace(s, label=1, pseudo=True) for s in reals]
-    return DeepfakeDataset((reals if only else train.samples) + pseudo, train.transform, train.cache, train.size,
-                           blend)

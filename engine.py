@@ -10,22 +10,38 @@ main.py and report.py build the logs and plots from those dicts.
 """
 import math
 import os
+import re
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, DistributedSampler
 
-import dataset
 import presets
 from cli import progress
 from model import DeepfakeDetector, FlipAverage, check_name, detector_from
 from utils import choose_precision, gather_scores, get_device, sum_over_ranks
 
 DEFAULT_THRESHOLD = 0.5  # the decision threshold of a checkpoint that stores none (interrupted run)
+
+
+def make_criterion(config):
+    """The loss, built from a run's configuration (main.py's flags, or a checkpoint's "args"): the one
+    place to change it. Training, validation, test scoring, --test_sets and benchmark.py all take it
+    from here, and the training-curves plot names it (loss_name). A loss with a setting reads it from
+    config (add its flag in main.py; a checkpoint keeps it)."""
+    return nn.CrossEntropyLoss()
+
+
+def loss_name(criterion):
+    """'Cross entropy loss' for nn.CrossEntropyLoss, 'Focal loss' for a FocalLoss: the plot's title."""
+    name = type(criterion).__name__
+    return " ".join(re.findall(r"[A-Z]+[a-z0-9]*", name) or [name]).capitalize()
 
 
 def fake_probability(logits):
@@ -141,22 +157,65 @@ def weight_average(model, decay):
     return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
+def balanced_sampler(ds):
+    """WeightedRandomSampler drawing each class equally often (train split only).
+
+    It draws from torch's global RNG, which main.py re-seeds every epoch so that
+    a resumed run sees the same batches as an uninterrupted one.
+    """
+    counts = Counter(ds.targets)
+    weights = torch.tensor([1.0 / counts[t] for t in ds.targets], dtype=torch.double)
+    return torch.utils.data.WeightedRandomSampler(weights, len(weights), replacement=True)
+
+
+class PairedBatchSampler(torch.utils.data.Sampler):
+    """Training batches in which each real face and its self-blend travel together, as SBI
+    (Shiohara & Yamasaki, CVPR 2022) trains: identity, pose and background then no longer tell
+    real from fake, only the blending traces do. Every other image is paired with another at
+    random, so a batch holds batch_size // 2 pairs. The order comes from torch's generator,
+    which main.py seeds per epoch: a resumed run draws the same batches."""
+
+    def __init__(self, ds, batch_size):
+        blend_of = {s.row: i for i, s in enumerate(ds.samples) if s.pseudo}
+        self.pairs = [(i, blend_of[s.row]) for i, s in enumerate(ds.samples)
+                      if not s.pseudo and s.label == 0 and s.row in blend_of]
+        paired = {i for pair in self.pairs for i in pair}
+        self.singles = [i for i in range(len(ds)) if i not in paired]
+        self.per_batch = max(1, batch_size // 2)  # pairs per batch
+
+    def __iter__(self):
+        singles = [self.singles[k] for k in torch.randperm(len(self.singles)).tolist()]
+        # An odd image out waits for the next epoch (a new one each epoch), as make_loader's drop_last
+        # does: alone in a batch it would break BatchNorm (one value per channel to normalise).
+        units = self.pairs + [tuple(singles[k:k + 2]) for k in range(0, len(singles) - 1, 2)]
+        order = [units[k] for k in torch.randperm(len(units)).tolist()]
+        for k in range(0, len(order), self.per_batch):
+            yield [i for unit in order[k:k + self.per_batch] for i in unit]
+
+    def __len__(self):
+        return math.ceil((len(self.pairs) + len(self.singles) // 2) / self.per_batch)
+
+
 def make_loader(ds, batch_size, workers, dist, train=False, balance="none", seed=0):
     """Batches of `ds`. Under torchrun each process takes its share: a DistributedSampler for
     training (re-shuffled per epoch by set_epoch), every world-th image for evaluation (each
     image scored exactly once, no padding). A training set with self-blends keeps each real
-    face and its blend in one batch (dataset.PairedBatchSampler)."""
+    face and its blend in one batch (PairedBatchSampler)."""
     if train and ds.blend is not None and not dist.on:
-        return DataLoader(ds, batch_sampler=dataset.PairedBatchSampler(ds, batch_size), num_workers=workers,
+        return DataLoader(ds, batch_sampler=PairedBatchSampler(ds, batch_size), num_workers=workers,
                           pin_memory=torch.cuda.is_available())
     if dist.on:
         sampler = DistributedSampler(ds, dist.world, dist.rank, shuffle=True, seed=seed) if train \
             else range(dist.rank, len(ds), dist.world)
     else:
-        sampler = dataset.balanced_sampler(ds) if train and balance == "sampler" else None
+        sampler = balanced_sampler(ds) if train and balance == "sampler" else None
+    # A last training batch of one image is dropped: BatchNorm cannot normalise one value per channel (a
+    # small image leaves a 1x1 map at the end), and one image of an epoch is no loss. Workers restart each
+    # epoch: their RNG then follows the per-epoch seed.
+    per_process = sampler.num_samples if isinstance(sampler, DistributedSampler) else len(ds)
     return DataLoader(ds, batch_size=batch_size, shuffle=train and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=torch.cuda.is_available(),
-                      drop_last=False)  # workers restart each epoch: their RNG then follows the per-epoch seed
+                      drop_last=train and per_process % batch_size == 1 and per_process > 1)
 
 
 # ---------------------------------------------------------------- checkpoints

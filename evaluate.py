@@ -8,8 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from torch import nn
-
 import dataset
 import engine
 import gradcam
@@ -25,21 +23,22 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     ds = test if split == "test" else dataset.DeepfakeDataset(data.samples, test.transform, test.cache, test.size)
     loader = engine.make_loader(ds, args.batch_size, args.workers, dist)
     runtime.choose_scorer(detector, args.runtime, len(ds))
-    te = engine.evaluate(detector.scorer, nn.CrossEntropyLoss(), loader, detector.precision, desc=split)
+    criterion = engine.make_criterion(detector.args)  # the loss it trained with
+    te = engine.evaluate(detector.scorer, criterion, loader, detector.precision, desc=split)
     in_domain = {"name": f"{split} split (in-domain)", "path": args.data_root, "kind": "in-domain",
                  **report.compute_metrics(te["labels"], te["probs"], detector.threshold),
                  **class_counts(te["labels"]), **called_fake(te["labels"], te["probs"], detector.threshold)}
-    test_sets = score_test_sets(args, detector, in_domain, te, data, dist)
+    test_sets = score_test_sets(args, detector, criterion, in_domain, te, data, dist)
     if not dist.main:
         return None
     metrics = report.write_test_report(out, te["labels"], te["probs"], detector.threshold, split)
+    report.draw_plots({"history": history, "labels": te["labels"], "probs": te["probs"], "split": split,
+                       "threshold": detector.threshold, "loss": engine.loss_name(criterion)}, out)
     report.write_predictions([s.path for s in ds.samples], te["labels"], te["probs"], detector.threshold,
                              out / "predictions.csv")
     if len(ds):  # heatmaps of right and wrong calls; written before summary.md, which shows it
         gradcam.save_examples(detector.model, ds, te["probs"], te["labels"], detector.threshold,
                               out / "gradcam_examples.png", detector.precision.device)
-    if history:
-        report.plot_training_curves(history, out / "training_curves.png")
     notes = args.notes  # with --evaluate_only these include what the checkpoint's run noted
     metrics.update(inference_img_s=te["img_s"], best_epoch=detector.epoch + 1,
                    checkpoint_args=detector.args, test_sets=test_sets, notes=notes,
@@ -63,7 +62,7 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     return metrics
 
 
-def score_test_sets(args, detector, in_domain, test, data, dist):
+def score_test_sets(args, detector, criterion, in_domain, test, data, dist):
     """Rows of the "beyond its training data" table: the in-domain test first, then every --test_sets
     folder, then its pairs. A folder of one kind has no ROC-AUC of its own, so it is ranked against the
     other kind: fakes against the run's own test reals and against every real-only folder named (one by
@@ -83,7 +82,7 @@ def score_test_sets(args, detector, in_domain, test, data, dist):
             rows.append({"name": name, "path": path, "error": str(e)})
             continue
         loader = engine.make_loader(ds, args.batch_size, args.workers, dist)
-        te = engine.evaluate(detector.scorer, nn.CrossEntropyLoss(), loader, detector.precision, desc=name)
+        te = engine.evaluate(detector.scorer, criterion, loader, detector.precision, desc=name)
         kind = set_kind(te["labels"]) if labelled else "unlabelled"
         row = report.compute_metrics(te["labels"], te["probs"], detector.threshold) if kind == "labelled" else {}
         rows.append({"name": name, "path": path, "kind": kind, **row, "n_images": len(ds),

@@ -10,27 +10,25 @@ Everything a grader needs lands in --output_dir (default results/): summary.md
 first, then the report, plots, metrics.json, history.csv, args.json, split.csv.
 """
 import argparse
-import math
 import signal
 import sys
 import time
 
 import torch
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 import config
 import dataset
 import engine
 import evaluate
-import features
 import presets
 import report
 import sbi
+import training
 import utils
-from cli import DEFAULT_WORKERS, add_machine_flags, at_least, checked, fraction, given_flags, positive, silence
+from cli import (DEFAULT_WORKERS, add_machine_flags, at_least, checked, fraction, given_flags, interruptible,
+                 positive, silence)
 from config import SCRATCH
-from model import INPUT_FILTERS, MODELS, FlipAverage, WeightsError, check_name, detector_from
+from model import INPUT_FILTERS, MODELS, WeightsError, check_name, detector_from
 from presets import AUGMENTATIONS, CROP_PCT
 
 
@@ -48,10 +46,11 @@ def get_args_parser():
                    "minority images (default: none)")
     g.add_argument("--augment", choices=["auto", *AUGMENTATIONS], default="auto",
                    help="training augmentation (presets.py): none (as evaluation), flip, crop_flip, blur_jpeg (random "
-                   "crop, flip, blur and JPEG each on 10%% of the images, Wang et al. 2020), blur_jpeg_0.5 (the same on "
-                   "half the images), rescale (flip, half the images shrunk to 50-100%% and enlarged back), compress "
-                   "(flip, JPEG 40-100 on half the images, as online video), video (compress, and half the images "
-                   "shrunk to 25-100%% and enlarged back, as faces cut from video); none with a frozen backbone trains "
+                   "crop, flip, blur and JPEG each on 10%% of the images, Wang et al. 2020), blur_jpeg_0.5 (the "
+                   "same on half the images), rescale (flip, half the images shrunk to 50-100%% and enlarged back), "
+                   "compress (flip, JPEG 40-100 on half the images, as online video), video (compress, and half the "
+                   "images shrunk to 25-100%% and enlarged back, as faces cut from video); none with a frozen backbone "
+                   "trains "
                    "the head on cached features (default: auto = blur_jpeg with pretrained weights, "
                    f"{SCRATCH['augment']} from random init)")
     g.add_argument("--input_jpeg", type=at_least(int, 0), default=0, metavar="QUALITY",
@@ -173,146 +172,15 @@ def load_data(args, model, dist):
         train = data.datasets["train"]
         if args.pseudo_fakes != "none":
             geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0], args.sbi_mask)
-            train = dataset.with_pseudo_fakes(train, sbi.SelfBlend(geometry), only=args.pseudo_fakes == "sbi_only")
+            blend = sbi.SelfBlend(geometry)
+            if blend.no_face:
+                print(f"warning: --pseudo_fakes: no face found in {blend.no_face} of {len(geometry)} real training "
+                      f"images; their self-blends use a mask in the middle of the picture (face crops only)")
+            train = sbi.with_pseudo_fakes(train, blend, only=args.pseudo_fakes == "sbi_only")
     if not (args.evaluate_only and args.eval_split == "all"):  # a held-out folder needs no split
         dataset.check_splits(data, args.data_root, args.val_fraction, args.test_fraction)
     data.datasets["train"] = dataset.oversample(train) if args.balance == "oversample" else train
     return data
-
-
-# ---------------------------------------------------------------- the training loop and its steps
-
-def group_lr(optimizer, name):
-    return next(g["lr"] for g in optimizer.param_groups if g["name"] == name)
-
-
-def freeze_for_epoch(model, args, epoch):
-    """Freeze the backbone in (0-based) `epoch` if asked; --unfreeze_at counts epochs from 1, as printed."""
-    frozen = epoch + 1 < args.unfreeze_at if args.unfreeze_at else args.freeze_backbone
-    model.freeze_backbone(frozen)
-    return frozen
-
-
-def trainable_part(model, loaders, frozen, args, precision, feature_cache):
-    """What this epoch trains: the model on images or, with a frozen backbone and no augmentation,
-    the head alone on backbone features computed once (features.py) and kept in `feature_cache`.
-    Under torchrun (a DistributedDataParallel model) always the model: its images are sharded."""
-    if not (frozen and args.augment == "none" and args.pseudo_fakes == "none") \
-            or isinstance(model, DistributedDataParallel):  # self-blends differ every epoch: nothing to cache
-        return model, loaders
-    if not feature_cache:
-        feature_cache.update(features.feature_loaders(nn.Sequential(model.input_filter, model.backbone), loaders,
-                                                      precision))
-    return model.head, feature_cache
-
-
-def checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args, split, average=None):
-    """One dict holds everything a resume or a prediction needs; `split` maps each image to its split.
-    "model" is what was validated and predicts: the weight average when there is one (then
-    "train_model" holds the weights training goes on from)."""
-    weights = ({"model": model.state_dict()} if average is None else
-               {"model": average.module.state_dict(), "train_model": model.state_dict(),
-                "average_steps": int(average.n_averaged)})
-    return {**weights, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "split": split, "epoch": epoch,
-            "best_val_auc": best_val_auc, "history": history, "threshold": threshold, "args": config.recorded(args),
-            "classes": list(dataset.CLASSES)}
-
-
-def interrupted(state, out, epoch, dist):
-    """Ctrl-C: keep last.pt at the last finished epoch (so --resume replays exactly), or, in the
-    first epoch, the partly trained model rather than nothing. Exits with code 130."""
-    last = out / "checkpoints" / "last.pt"
-    if not dist.main:
-        sys.exit(130)  # rank 0 alone writes
-    if last.exists():
-        print(f"\ninterrupted in epoch {epoch + 1}; {last} holds the last finished epoch, the partial one is "
-              f"dropped so that a resumed run matches an uninterrupted one")
-    else:
-        engine.save_checkpoint(state, last)
-        print(f"\ninterrupted in epoch {epoch + 1}: saved the partly trained model to {last}")
-    launch = "torchrun --standalone --nproc_per_node=N main.py" if dist.on else "python main.py"
-    print(f"continue with: {launch} --resume --output_dir {out}")
-    sys.exit(130)
-
-
-def fit(args, model, data, precision, out, dist, resume_from=None):
-    """The training loop: train, validate, schedule, log, checkpoint; returns the history rows."""
-    loaders = {"train": engine.make_loader(data.datasets["train"], args.batch_size, args.workers, dist, train=True,
-                                           balance=args.balance, seed=args.seed),
-               "val": engine.make_loader(data.datasets["val"], args.batch_size, args.workers, dist)}
-    criterion = nn.CrossEntropyLoss()
-    optimizer = torch.optim.AdamW(model.param_groups(args.lr, args.backbone_lr_scale), lr=args.lr,
-                                  weight_decay=args.weight_decay)
-    scheduler = engine.make_scheduler(optimizer, args.epochs, len(loaders["train"]), args.warmup_epochs,
-                                      args.min_lr_ratio)
-    scaler = torch.amp.GradScaler(precision.device.type, enabled=precision.amp_dtype == torch.float16)
-    average = engine.weight_average(model, args.ema_decay) if args.ema_decay else None
-    update_average = None if average is None else lambda: average.update_parameters(model)
-    start_epoch, best_val_auc, history, feature_cache = 0, -math.inf, [], {}
-    split = {s.path: s.split for s in data.samples}  # saved with each checkpoint: a resume must see the same
-    if resume_from is not None:
-        model.load_state_dict(resume_from.get("train_model", resume_from["model"]))
-        if average is not None:
-            average.module.load_state_dict(resume_from["model"])
-            average.n_averaged.fill_(resume_from.get("average_steps", 0))  # 0: a run without one starts it here
-        optimizer.load_state_dict(resume_from["optimizer"])
-        engine.resume_scheduler(scheduler, resume_from["scheduler"])
-        start_epoch, best_val_auc, history = (resume_from["epoch"] + 1, resume_from["best_val_auc"],
-                                              resume_from["history"])
-        print(f"resumed at epoch {start_epoch + 1} (best val AUC so far {best_val_auc:.4f})")
-    net = distributed(model, args, start_epoch, precision, dist)
-    epoch = start_epoch
-    try:
-        for epoch in range(start_epoch, args.epochs):
-            start = time.perf_counter()
-            frozen = freeze_for_epoch(model, args, epoch)
-            train_net, epoch_loaders = trainable_part(net, loaders, frozen, args, precision, feature_cache)
-            torch.manual_seed(args.seed + epoch)  # batches and augmentation follow (seed, epoch): resumes replay them
-            if dist.on:
-                loaders["train"].sampler.set_epoch(epoch)
-            lrs = {"lr": group_lr(optimizer, "head"), "backbone_lr": group_lr(optimizer, "backbone")}  # at the start
-            train = engine.train_one_epoch(train_net, criterion, optimizer, epoch_loaders["train"], precision, epoch,
-                                           scaler, scheduler, desc=f"epoch {epoch + 1}/{args.epochs} train",
-                                           after_step=update_average)
-            val_net = train_net
-            if average is not None:  # validate (and keep) the average, not the last step's weights
-                val_net = average.module.head if train_net is model.head else average.module
-            val_net = FlipAverage(val_net) if args.tta == "flip" else val_net
-            val = engine.evaluate(val_net, criterion, epoch_loaders["val"], precision, desc="val")
-            val_auc = report.roc_auc(val["labels"], val["probs"])
-            threshold = report.eer_threshold(val["labels"], val["probs"])[0]
-            history.append({"epoch": epoch + 1, "train_loss": train["loss"], "train_acc": train["acc"],
-                            "val_loss": val["loss"], "val_acc": val["acc"], "val_auc": val_auc, **lrs,
-                            "backbone_frozen": frozen, "train_img_s": train["img_s"],
-                            "epoch_s": time.perf_counter() - start})
-            print(f"epoch {epoch + 1}/{args.epochs}  train loss {train['loss']:.4f} acc {train['acc']:.4f} "
-                  f"({history[-1]['train_img_s']:.1f} img/s) | val loss {val['loss']:.4f} acc {val['acc']:.4f} "
-                  f"AUC {val_auc:.4f}")
-            improved, best_val_auc = val_auc > best_val_auc, max(best_val_auc, val_auc)
-            if dist.main:  # one writer: the other processes hold the same weights
-                report.write_history_csv(history, out / "history.csv")
-                state = checkpoint_state(model, optimizer, scheduler, epoch, best_val_auc, history, threshold, args,
-                                         split, average)
-                engine.save_checkpoint(state, out / "checkpoints" / "last.pt")
-                if improved:
-                    engine.save_checkpoint(state, out / "checkpoints" / "best.pt")
-    except KeyboardInterrupt:
-        state = checkpoint_state(model, optimizer, scheduler, epoch - 1, best_val_auc, history, None, args, split,
-                                 average)
-        interrupted(state, out, epoch, dist)
-    return history
-
-
-def distributed(model, args, start_epoch, precision, dist):
-    """The model wrapped for torchrun (gradients averaged over the processes), or as it is alone."""
-    if not dist.on:
-        return model
-    freeze_for_epoch(model, args, start_epoch)  # DDP reduces the gradients of the parameters trainable now
-    if args.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    print(f"{dist.world} processes, batch {args.batch_size} each: global batch {args.batch_size * dist.world}")
-    return DistributedDataParallel(model, device_ids=[precision.device] if precision.device.type == "cuda" else None)
 
 
 # ---------------------------------------------------------------- main
@@ -327,7 +195,7 @@ def main(args):
     config.single_process_only(args, dist)
     args, ckpt, ckpt_path = config.resolve(args, dist, device)  # from here on, nothing is "auto"
     utils.seed_everything(args.seed)
-    out = config.prepare_output(args, None if args.evaluate_only else ckpt_path, write=dist.main)
+    out = config.prepare_output(args, ckpt_path, write=dist.main)
     precision = utils.choose_precision(device, args.precision)
     print(f"running on {args.machine}: {precision}")
     try:
@@ -350,7 +218,7 @@ def main(args):
     if not args.evaluate_only:
         precision.prepare(model)
         start = time.perf_counter()
-        history = fit(args, model, data, precision, out, dist, resume_from=ckpt)
+        history = training.fit(args, model, data, precision, out, dist, resume_from=ckpt)
         print(f"trained in {time.perf_counter() - start:.0f} s")
         if dist.on:
             torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
@@ -366,4 +234,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_args())
+    interruptible(main, parse_args())  # Ctrl-C: no traceback; training keeps its last epoch (training.py)

@@ -96,15 +96,27 @@ def _last_linear(net):
 
 
 def _read_state_dict(path, what):
-    """A state_dict from a file, safely (tensors only); WeightsError names the file."""
+    """A state_dict (names -> tensors) from a file, safely (weights_only); WeightsError names the file and
+    says what it holds instead."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with open(path, "rb") as f:
+            head = f.read(4)
     except FileNotFoundError:
         raise WeightsError(f"{path}: weights file not found; use --weights imagenet|none|PATH") from None
+    except OSError as e:
+        raise WeightsError(f"{path}: cannot be read ({e.strerror}); use --weights imagenet|none|PATH") from None
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save writes a zip (or, before 1.6, a pickle)
+        raise WeightsError(f"{path}: not {what}: not a file torch.save wrote (a text file?)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch's text for an unsafe pickle advises weights_only=False: never pass that on
-        why = ("it holds Python objects, not only tensors, and is not loaded for safety" if "weights_only" in str(e)
-               else one_line(e))
+        why = ("it holds Python objects, not only tensors, and is not loaded for safety"
+               if "Unsupported global" in str(e) else f"damaged or not written by torch.save: {one_line(e)}")
         raise WeightsError(f"{path}: not {what} ({why})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        held = type(state).__name__ if not isinstance(state, dict) else "a dict of more than tensors"
+        raise WeightsError(f"{path}: not {what}: it holds {held}, not names -> tensors (a model's state_dict())")
+    return state
 
 
 def wheel_weights_file(name):

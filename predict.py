@@ -45,7 +45,7 @@ import detect
 import engine
 import gradcam
 import runtime
-from cli import add_machine_flags, positive
+from cli import add_machine_flags, interruptible, positive
 from dataset import CLASSES
 from media import (
     IMAGE_EXTS,
@@ -302,22 +302,26 @@ def main(args):
     if gradcam_dir:
         gradcam_dir.mkdir(parents=True, exist_ok=True)
     stems, clashes = set(), {f.stem for f in files if sum(g.stem == f.stem for g in files) > 1}
-    results, start = [], time.perf_counter()
-    for path, r, error in predictor.predict_many(files, gradcam=gradcam_dir is not None):
-        if error:  # one line, then the next input
-            print(f"error: {error}", file=sys.stderr)
-            errors.append((str(path), error))
-            continue
-        results.append(r)
-        p = "-" if r["fake_probability"] is None else f"{r['fake_probability']:.3f}"
-        print(f"{r['label']:<20} P(fake) {p:>5}  {r['kind']}, {r['frames']} frame(s) read, "
-              f"{r['faces']} face(s) scored  {path}")
-        if r.get("warning"):
-            print(f"warning: {r['warning']}", file=sys.stderr)
-        if gradcam_dir:
-            stem = unique_stem(path, clashes, stems)
-            for row, picture in zip(r["rows"], r.get("gradcam", [])):
-                picture.save(gradcam_dir / f"{stem}_f{row['frame']:04d}_{row['face']}_gradcam.png")
+    results, start, stopped = [], time.perf_counter(), False
+    try:
+        for path, r, error in predictor.predict_many(files, gradcam=gradcam_dir is not None):
+            if error:  # one line, then the next input
+                print(f"error: {error}", file=sys.stderr)
+                errors.append((str(path), error))
+                continue
+            results.append(r)
+            p = "-" if r["fake_probability"] is None else f"{r['fake_probability']:.3f}"
+            print(f"{r['label']:<20} P(fake) {p:>5}  {r['kind']}, {r['frames']} frame(s) read, "
+                  f"{r['faces']} face(s) scored  {path}")
+            if r.get("warning"):
+                print(f"warning: {r['warning']}", file=sys.stderr)
+            if gradcam_dir:
+                stem = unique_stem(path, clashes, stems)
+                for row, picture in zip(r["rows"], r.get("gradcam", [])):
+                    picture.save(gradcam_dir / f"{stem}_f{row['frame']:04d}_{row['face']}_gradcam.png")
+    except KeyboardInterrupt:  # Ctrl-C: keep what was scored
+        stopped = True
+        print(f"\ninterrupted: writing the {len(results)} input(s) scored so far", file=sys.stderr)
     if gradcam_dir and predictor.gradcam_error:
         print(f"note: no heatmaps written: {predictor.gradcam_error}", file=sys.stderr)
     seconds, n_faces = time.perf_counter() - start, sum(r["faces"] for r in results)
@@ -326,6 +330,8 @@ def main(args):
           f"{runtime.describe(predictor.detector)}); threshold {predictor.threshold:.3f} "
           f"from {predictor.detector.threshold_source}")
     write_outputs(results, errors, outputs, predictor, args.checkpoint)
+    if stopped:
+        sys.exit(130)
     return {"results": results, "errors": errors}
 
 
@@ -359,5 +365,5 @@ def get_args_parser():
 
 
 if __name__ == "__main__":
-    out = main(get_args_parser().parse_args())
+    out = interruptible(main, get_args_parser().parse_args())
     sys.exit(0 if out["results"] else 1)

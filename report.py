@@ -61,59 +61,98 @@ def write_predictions(paths, labels, probs, threshold, path):
 
 
 def write_history_csv(history, path):
+    """history.csv: one row per epoch. The columns are every key any row has, in order of first use, so a
+    run resumed after a new column was added writes its older rows with that column blank."""
+    columns = list(dict.fromkeys(key for row in history for key in row))
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w = csv.DictWriter(f, fieldnames=columns, restval="")
         w.writeheader()
         w.writerows(history)
 
 
-def plot_training_curves(history, path):
+# ---------------------------------------------------------------- plots
+# Each plot draws from `run`, the dict evaluate.py builds: "history" (the epoch rows, empty for an
+# evaluation), "labels" and "probs" (the scored split), "threshold", "split" (its name), "loss" (the
+# loss's name). It returns False where the run lacks its numbers, and then draws nothing.
+
+def plot_training_curves(run, path):
     """Train/val loss and accuracy per epoch, side by side."""
+    history = run["history"]
+    if not history:
+        return False
     epochs = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key in zip(axes, ("loss", "acc")):
         ax.plot(epochs, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(epochs, [h[f"val_{key}"] for h in history], "o-", label="val")
-        ax.set(xlabel="epoch", ylabel=key, title={"loss": "Cross-entropy loss", "acc": "Accuracy"}[key])
+        ax.set(xlabel="epoch", ylabel=key, title={"loss": run["loss"], "acc": "Accuracy"}[key])
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return save(fig, path)
 
 
-def plot_confusion_matrix(labels, preds, path, title=""):
-    """Counts and row-normalised rates, side by side."""
+def plot_confusion_matrix(run, path):
+    """Counts and row-normalised rates at the stored threshold, side by side."""
+    labels, preds = run["labels"], (run["probs"] >= run["threshold"]).astype(int)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     for ax, norm, fmt in ((axes[0], None, "d"), (axes[1], "true", ".2f")):
         skm.ConfusionMatrixDisplay.from_predictions(labels, preds, labels=[0, 1], display_labels=CLASSES,
                                                     normalize=norm, values_format=fmt, cmap="Blues",
                                                     ax=ax, colorbar=False)
         ax.set_title("counts" if norm is None else "normalised by true class")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.suptitle(f"{run['split']} split, threshold {run['threshold']:.3f} (n={len(labels)})")
+    return save(fig, path)
 
 
-def plot_roc(labels, probs, path, title=""):
-    """ROC curve with AUC, and the precision-recall curve with AP."""
+def plot_roc(run, path):
+    """ROC curve with AUC, and the precision-recall curve with AP (both classes needed)."""
+    labels, probs = run["labels"], run["probs"]
+    if len(np.unique(labels)) < 2:
+        return False
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     skm.RocCurveDisplay.from_predictions(labels, probs, name="detector", ax=axes[0], plot_chance_level=True)
     skm.PrecisionRecallDisplay.from_predictions(labels, probs, name="detector", ax=axes[1],
                                                 plot_chance_level=True)
     axes[0].set_title("ROC (positive = fake)")
     axes[1].set_title("Precision-recall (positive = fake)")
-    fig.suptitle(title)
+    fig.suptitle(f"{run['split']} split (n={len(labels)})")
+    return save(fig, path)
+
+
+def save(fig, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
+
+
+# The pictures of a run, in the order summary.md shows them: file -> (title, how it is drawn). A new plot
+# is a function above and a line here; evaluate.py draws them all and summary.md shows each file written.
+# None: drawn elsewhere, from the model or the data (gradcam.py, sbi.py), and shown when present.
+PLOTS = {
+    "training_curves.png": ("Training curves", plot_training_curves),
+    "confusion_matrix.png": ("Confusion matrix", plot_confusion_matrix),
+    "roc_curve.png": ("ROC and precision-recall", plot_roc),
+    "gradcam_examples.png": ("Grad-CAM examples", None),
+    "pseudo_fakes.png": ("Pseudo-fakes (self-blended images)", None),
+}
+
+
+def draw_plots(run, out):
+    """Every plot of PLOTS that the run has numbers for. A plot that fails costs only itself: said once."""
+    for file, (title, draw) in PLOTS.items():
+        if draw is None:
+            continue
+        try:
+            draw(run, Path(out) / file)
+        except Exception as e:  # an extra picture must never cost the report
+            plt.close("all")
+            print(f"warning: {file} ({title}) not drawn: {type(e).__name__}: {e}")
 
 
 def write_test_report(out, labels, probs, threshold, name="test"):
-    """classification_report.txt, confusion_matrix.png, roc_curve.png; returns metrics at 0.5 and `threshold`."""
-    out = Path(out)
+    """classification_report.txt; returns the metrics at 0.5 and at `threshold`."""
     at_half, at_thr = compute_metrics(labels, probs, 0.5), compute_metrics(labels, probs, threshold)
     text = []
     for m in (at_half, at_thr):
@@ -122,11 +161,7 @@ def write_test_report(out, labels, probs, threshold, name="test"):
                     f"({'default' if m is at_half else 'chosen on val at the EER point'})\n"
                     + skm.classification_report(labels, preds, labels=[0, 1], target_names=CLASSES,
                                                 digits=4, zero_division=0))
-    (out / "classification_report.txt").write_text("\n".join(text))
-    plot_confusion_matrix(labels, (probs >= threshold).astype(int), out / "confusion_matrix.png",
-                          f"{name} split, threshold {threshold:.3f} (n={len(labels)})")
-    if len(np.unique(labels)) == 2:
-        plot_roc(labels, probs, out / "roc_curve.png", f"{name} split (n={len(labels)})")
+    (Path(out) / "classification_report.txt").write_text("\n".join(text))
     return {"at_0.5": at_half, "at_val_threshold": at_thr}
 
 
@@ -151,9 +186,7 @@ def write_summary(out, info):
     lines += ["## Data", ""] + [f"- {k}: {v}" for k, v in info["data"].items()] + [""]
     if info.get("training"):
         lines += ["## Training", ""] + [f"- {k}: {v}" for k, v in info["training"].items()] + [""]
-    for title, image in (("Training curves", "training_curves.png"), ("Confusion matrix", "confusion_matrix.png"),
-                         ("ROC and precision-recall", "roc_curve.png"), ("Grad-CAM examples", "gradcam_examples.png"),
-                         ("Pseudo-fakes (self-blended images)", "pseudo_fakes.png")):
+    for image, (title, _) in PLOTS.items():
         if (out / image).is_file():
             lines += [f"## {title}", "", f"![{title}]({image})", ""]
     lines += ["## Files", "", "`metrics.json` (all numbers), `predictions.csv` (P(fake) of every test image), "
@@ -207,7 +240,9 @@ def trained_on(data, root):
 def data_story(data):
     """The facts about the data that belong in summary.md."""
     counts = {split: f"{len(ds)} ({sum(t == 0 for t in ds.targets)} real, {sum(t == 1 for t in ds.targets)} fake"
-                     + (f", of which {sum(s.pseudo for s in ds.samples)} self-blended" if ds.blend else "") + ")"
+                     + (f", of which {sum(s.pseudo for s in ds.samples)} self-blended" if ds.blend else "")
+                     + (f", {ds.blend.no_face} of them from faces not found (a mask in the middle)"
+                        if ds.blend and getattr(ds.blend, "no_face", 0) else "") + ")"
               for split, ds in data.datasets.items()}
     story = {"layout": "pre-split folders" if data.presplit else "one pool, split here (stratified, grouped, seeded)",
              **{f"{k} images": v for k, v in counts.items()},
@@ -218,8 +253,12 @@ def data_story(data):
     extra = sum(s.extra for s in data.datasets["train"].samples)
     if extra:
         story["training images from --train_extra (training only)"] = extra
-    if data.dropped_extra:
-        story["--train_extra files also in val/test (same bytes or video), left out"] = data.dropped_extra
+    extra_out = data.dropped_extra or {}
+    if extra_out.get("copies"):
+        story["--train_extra copies of --data_root files, left out"] = (
+            f"{extra_out['copies']} ({extra_out['copies_held_out']} of them copies of val/test images)")
+    if extra_out.get("same_video_held_out"):
+        story["--train_extra frames (or copies) of val/test videos, left out"] = extra_out["same_video_held_out"]
     if data.dropped_copies:
         story["val/test copies of train files removed"] = data.dropped_copies
     if data.corrupt:

@@ -19,6 +19,7 @@ cache. Validation and test keep the real data only. Training writes results/pseu
 real faces, masks and blends.
 """
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import matplotlib
@@ -31,6 +32,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from scipy.spatial import ConvexHull
 from torchvision.transforms.v2 import functional as F
 
+import dataset
 from detect import load_landmarks, load_landmarks68
 
 BLEND_RATIOS = (0.25, 0.5, 0.75, 1.0, 1.0, 1.0)  # the paper's mask strengths: mostly a full blend
@@ -168,6 +170,8 @@ class SelfBlend:
 
     def __init__(self, geometry):
         self.geometry = geometry
+        # real faces where the detector found no face: their blends go through a centre mask instead
+        self.no_face = sum(bool(np.isnan(g).any()) for g in geometry.values())
 
     def __call__(self, img, row):
         rng = np.random.default_rng(int(torch.randint(2**31 - 1, ())))
@@ -199,3 +203,12 @@ def save_examples(dataset, path, n=6, seed=0):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def with_pseudo_fakes(train, blend, only=False):
+    """The training split plus a pseudo-fake (label fake) made by `blend` from every real image;
+    only=True drops the split's own fakes, so the fakes come from blending alone."""
+    reals = [s for s in train.samples if s.label == 0]
+    pseudo = [replace(s, label=1, pseudo=True) for s in reals]
+    return dataset.DeepfakeDataset((reals if only else train.samples) + pseudo, train.transform, train.cache,
+                                   train.size, blend)

@@ -83,14 +83,16 @@ def test_manifest_groups_crops_of_one_source(pool, tmp_path):
     assert all(len(splits) == 1 for splits in per_source.values())
 
 
-def test_corrupt_files_are_reported_and_skipped(pool, tmp_path):
+def test_corrupt_files_are_reported_and_skipped(pool, tmp_path, capsys):
     real = pool / "real_data"
     (real / "notes.jpg").write_text("not an image at all")
     truncated = (real / "img000.png").read_bytes()
     (real / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
-    with pytest.warns(UserWarning, match="skipped 2 unreadable") as record:
-        data = prepare(pool, tmp_path)
-    assert "notes.jpg" in str(record[0].message) and "truncated.png" in str(record[0].message)
+    data = prepare(pool, tmp_path)
+    out = capsys.readouterr()
+    said = next(line for line in out.out.splitlines() if "unreadable" in line)
+    assert said.startswith("warning: skipped 2 unreadable") and "Warning" not in out.out + out.err  # no source line
+    assert "notes.jpg" in out.out and "truncated.png" in out.out
     assert set(p.split("/")[-1] for p in data.corrupt) == {"notes.jpg", "truncated.png"}
     assert all(s.path not in data.corrupt for s in data.samples) and len(data.samples) == 100
     for ds in data.datasets.values():  # every remaining sample loads
@@ -179,11 +181,12 @@ def test_train_extra_joins_training_only_and_leaves_the_held_out_splits_alone(po
     after = split_of(data)
     extras = {p: split for p, split in after.items() if p.startswith(str(extra))}
     assert len(extras) == 7 and set(extras.values()) == {"train"}  # the copy of a test face is left out
-    assert data.dropped_extra == 1 + presplit and str(extra / "real_data" / "copy_of_a_test_face.png") not in after
+    assert data.dropped_extra == {"copies": 1, "copies_held_out": 1, "same_video_held_out": int(presplit)}
+    assert str(extra / "real_data" / "copy_of_a_test_face.png") not in after
     assert {p: split for p, split in after.items() if p not in extras} == before  # same split as without them
     train = data.datasets["train"]
     assert sum(s.extra for s in train.samples) == 7 and all(s.label == 0 for s in train.samples if s.extra)
-    with pytest.raises(dataset.DatasetError, match="neither real_data/fake_data|class folder missing"):
+    with pytest.raises(dataset.DatasetError, match=r"needs real_data/ or fake_data/ inside \(either is enough\)"):
         prepare(root, tmp_path, train_extra=[tmp_path / "cache"])
 
 

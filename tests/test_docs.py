@@ -5,8 +5,8 @@ import re
 import pytest
 from conftest import ROOT
 
-import compare
 import main
+import recipes
 
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md"), *ROOT.glob("*/README.md")])
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -53,7 +53,7 @@ def test_every_recipes_file_the_docs_name_exists():
 def test_every_shipped_recipe_is_a_command_main_takes(path, capsys):
     """A documented table is only reproducible if its recipes still parse (a renamed flag breaks them)."""
     parser = main.get_args_parser()
-    for name, flags in compare.read_recipes(path).items():
+    for name, flags in recipes.read_recipes(path).items():
         try:
             parser.parse_args(flags)
         except SystemExit:
@@ -65,6 +65,6 @@ def test_a_recipe_named_in_several_files_has_the_same_flags_in_each():
     a recipe edited in one file only would silently stop matching (and rerun, or mislabel a table)."""
     seen = {}
     for path in RECIPES:
-        for name, flags in compare.read_recipes(path).items():
+        for name, flags in recipes.read_recipes(path).items():
             first = seen.setdefault(name, (path.name, flags))
             assert first[1] == flags, f"recipe {name!r} differs between {first[0]} and {path.name}"

@@ -100,3 +100,42 @@ def test_eer_threshold_is_where_miss_and_false_alarm_rates_meet():
     assert threshold == pytest.approx(0.7) and eer == pytest.approx(1 / 3)
     threshold, eer = report.eer_threshold(np.array([1, 1]), np.array([0.2, 0.9]))  # one class: no ROC curve
     assert threshold == 0.5 and np.isnan(eer)
+
+
+def test_one_loss_trains_validates_and_scores_and_names_the_plot(sample_root, tmp_path, monkeypatch):
+    from test_main import tiny_args
+
+    import main
+    calls = []
+
+    class HalfLoss(nn.CrossEntropyLoss):  # what a student's own loss looks like
+        def forward(self, logits, labels):
+            calls.append(torch.is_grad_enabled())  # True in a training step, False in validation and scoring
+            return super().forward(logits, labels) / 2
+    monkeypatch.setattr(engine, "make_criterion", lambda config: HalfLoss())
+    main.main(tiny_args(sample_root, tmp_path / "run", "--epochs", "1", "--max_per_class", "8"))
+    assert True in calls and False in calls  # training, and validation + test scoring
+    assert engine.loss_name(HalfLoss()) == "Half loss" and engine.loss_name(nn.CrossEntropyLoss()) == \
+        "Cross entropy loss"
+
+
+def test_history_keeps_rows_from_before_a_new_column(tmp_path):
+    report.write_history_csv([{"epoch": 1, "val_auc": 0.8}, {"epoch": 2, "val_auc": 0.9, "val_precision": 0.7}],
+                             tmp_path / "history.csv")
+    assert (tmp_path / "history.csv").read_text().splitlines() == [
+        "epoch,val_auc,val_precision", "1,0.8,", "2,0.9,0.7"]
+
+
+def test_a_frozen_backbone_caches_features_only_when_training_images_never_change(sample_root, tmp_path,
+                                                                                 monkeypatch, capsys):
+    from test_main import tiny_args
+    from torchvision.transforms import v2
+
+    import main
+    flags = ["--epochs", "1", "--max_per_class", "8", "--freeze_backbone", "--augment", "none"]
+    main.main(tiny_args(sample_root, tmp_path / "cached", *flags))
+    assert "computing features of" in capsys.readouterr().out
+    monkeypatch.setitem(presets.AUGMENTATIONS, "none", (False, [v2.RandomRotation(10)]))  # a student's new step
+    main.main(tiny_args(sample_root, tmp_path / "rotated", *flags))
+    said = capsys.readouterr().out
+    assert "computing features of" not in said and "the training images change every epoch" in said

@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-import compare
+import recipes
 import engine
 import evaluate
 import main
@@ -79,7 +79,7 @@ def test_a_fake_only_and_a_real_only_folder_get_their_auc(trained_run, tmp_path)
 
 
 def write_run(folder, test_sets):
-    """The files compare.recipe_row reads, as a finished main.py run leaves them."""
+    """The files recipes.recipe_row reads, as a finished main.py run leaves them."""
     folder.mkdir(parents=True)
     (folder / "metrics.json").write_text(json.dumps({"best_epoch": 1, "at_val_threshold": {"roc_auc": 0.97},
                                                      "test_sets": test_sets}))
@@ -97,9 +97,9 @@ def test_compare_keeps_the_headline_pairs_and_their_mean(tmp_path):
             {"name": "gan vs a+b", "kind": "pair", "fakes": "gan", "reals": "a+b", "roc_auc": 0.8,
              "reals_called_fake": 0.25},
             {"name": "test fakes vs a", "kind": "pair", "fakes": "test fakes", "reals": "a", "roc_auc": 0.3}]
-    row = compare.recipe_row(write_run(tmp_path / "run", rows))
+    row = recipes.recipe_row(write_run(tmp_path / "run", rows))
     assert row["sets"] == {"dfdc": 0.7, "gan vs test reals": 0.6, "gan vs a+b": 0.8,
-                           compare.UNSEEN_MEAN: pytest.approx(0.7)}
+                           recipes.UNSEEN_MEAN: pytest.approx(0.7)}
     assert row["called_fake"] == {"a+b called fake": 0.25}
 
 

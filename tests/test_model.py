@@ -14,6 +14,7 @@ import features
 import main
 import model as models_py
 import presets
+import training
 import utils
 from model import FIXED_SIZE, MODELS, DeepfakeDetector, WeightsError, input_size
 
@@ -32,15 +33,16 @@ def test_every_model_builds_predicts_and_trains_its_head_only_when_frozen(name):
         model = DeepfakeDetector(name, "none", image_size=TRAIN_SIZE)
     model.freeze_backbone(True)
     model.train()
-    before = {k: v.clone() for k, v in model.state_dict().items()}  # includes BatchNorm running stats
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}  # includes BatchNorm running stats
+    head_before = [p.detach().clone() for p in model.head.parameters()]
     optimizer = torch.optim.AdamW(model.param_groups(1e-2), lr=1e-2)
     loss = torch.nn.functional.cross_entropy(model(torch.randn(2, 3, TRAIN_SIZE, TRAIN_SIZE)), torch.tensor([0, 1]))
     loss.backward()
     optimizer.step()
     assert all(p.grad is None for p in model.backbone.parameters())
-    after = model.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("backbone.")), "frozen layers moved"
-    assert not torch.equal(before["head.weight"], after["head.weight"]), "the head did not learn"
+    after = model.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in after), "frozen layers moved"
+    assert not all(torch.equal(a, b) for a, b in zip(head_before, model.head.parameters())), "the head did not learn"
 
 
 def imagenet_top5(net, name):
@@ -108,10 +110,10 @@ def test_param_groups_put_the_backbone_at_a_scaled_rate():
 def test_freeze_for_epoch_counts_epochs_from_one():
     model = DeepfakeDetector("resnet18", "none")
     args = argparse.Namespace(freeze_backbone=False, unfreeze_at=3)
-    assert [main.freeze_for_epoch(model, args, e) for e in range(4)] == [True, True, False, False]
+    assert [training.freeze_for_epoch(model, args, e) for e in range(4)] == [True, True, False, False]
     assert not model.backbone_frozen and all(p.requires_grad for p in model.parameters())
     args = argparse.Namespace(freeze_backbone=True, unfreeze_at=None)
-    assert all(main.freeze_for_epoch(model, args, e) for e in range(4)) and model.backbone_frozen
+    assert all(training.freeze_for_epoch(model, args, e) for e in range(4)) and model.backbone_frozen
 
 
 def test_unfreeze_at_through_main_and_resume_across_it(sample_root, tmp_path, monkeypatch):
@@ -120,16 +122,16 @@ def test_unfreeze_at_through_main_and_resume_across_it(sample_root, tmp_path, mo
              "64", "--batch_size", "8", "--workers", "0", "--cache_dir", str(tmp_path / "cache"),
              "--output_dir", str(tmp_path / "run"), "--unfreeze_at", "2", "--augment", "none",
              "--epochs", "2", "--precision", "fp32"]
-    real = main.freeze_for_epoch
+    real = training.freeze_for_epoch
 
     def ctrl_c_in_epoch_2(model, args, epoch):
         if epoch == 1:
             raise KeyboardInterrupt
         return real(model, args, epoch)
-    monkeypatch.setattr(main, "freeze_for_epoch", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(training, "freeze_for_epoch", ctrl_c_in_epoch_2)
     with pytest.raises(SystemExit):
         main.main(main.parse_args(flags))
-    monkeypatch.setattr(main, "freeze_for_epoch", real)
+    monkeypatch.setattr(training, "freeze_for_epoch", real)
     torch.manual_seed(0)  # main seeds with --seed 0 right before building the same network
     init = DeepfakeDetector("resnet18", "none").state_dict()
     first = engine.load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -165,13 +167,14 @@ def test_feature_cache_trains_the_head_like_the_plain_path(amp):
         from_features = cached.head(feature_loader.dataset.tensors[0]).float()
     torch.testing.assert_close(from_features, same_inputs)
 
-    start = plain.head.weight.detach().clone()
+    start = [p.detach().clone() for p in plain.head.parameters()]
     for model, net, ld in ((plain, plain, loader), (cached, cached.head, feature_loader)):
         optimizer = torch.optim.AdamW(model.param_groups(1e-2), lr=1e-2)
         torch.manual_seed(1)  # as main.py seeds each epoch: both paths draw the same batches
-        engine.train_one_epoch(net, torch.nn.CrossEntropyLoss(), optimizer, ld, precision, 0)
-    assert not torch.equal(plain.head.weight, start), "the head did not learn"
-    torch.testing.assert_close(cached.head.weight, plain.head.weight, rtol=1e-4, atol=1e-5)
+        engine.train_one_epoch(net, engine.make_criterion({}), optimizer, ld, precision, 0)
+    assert not all(torch.equal(a, b) for a, b in zip(plain.head.parameters(), start)), "the head did not learn"
+    for a, b in zip(cached.head.parameters(), plain.head.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_random_init_batchnorm_statistics_follow_the_data():
@@ -194,6 +197,13 @@ def test_weights_from_a_local_file_load_every_backbone_tensor(tmp_path):
         DeepfakeDetector("resnet18", weights=str(tmp_path / "bad.pth"))
     with pytest.raises(WeightsError, match="not found"):
         DeepfakeDetector("resnet18", weights=str(tmp_path / "missing.pth"))
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(WeightsError, match="list.pt: not .*: it holds list, not names -> tensors"):
+        DeepfakeDetector("resnet18", weights=str(tmp_path / "list.pt"))
+    (tmp_path / "text.pt").write_text("not weights at all\n")
+    with pytest.raises(WeightsError, match="text.pt: not .*: not a file torch.save wrote") as e:
+        DeepfakeDetector("resnet18", weights=str(tmp_path / "text.pt"))
+    assert "safety" not in str(e.value)
     torch.save({"conv1.weight": argparse.Namespace(x=1)}, tmp_path / "pickled.pth")  # not plain tensors
     with pytest.raises(WeightsError, match="not loaded for safety") as e:
         DeepfakeDetector("resnet18", weights=str(tmp_path / "pickled.pth"))

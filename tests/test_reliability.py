@@ -49,7 +49,7 @@ def test_a_second_run_into_a_busy_folder_is_refused_and_a_killed_one_leaves_no_l
                                "time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit, match=f"another run is writing to {out} \\(process {holder.pid}\\)"):
+        with pytest.raises(SystemExit, match=f"another run or evaluation is using {out} \\(process {holder.pid}\\)"):
             main.main(tiny_args(sample_root, out, "--epochs", "1", "--max_per_class", "8"))
     finally:
         holder.kill()
