@@ -27,7 +27,7 @@ import training
 import utils
 from cli import (DEFAULT_WORKERS, add_machine_flags, at_least, checked, fraction, given_flags, interruptible,
                  positive, silence)
-from config import SCRATCH
+from config import PRETRAINED, SCRATCH
 from model import INPUT_FILTERS, MODELS, WeightsError, check_name, detector_from
 from presets import AUGMENTATIONS, CROP_PCT
 
@@ -51,12 +51,13 @@ def get_args_parser():
                    "compress (flip, JPEG 40-100 on half the images, as online video), video (compress, and half the "
                    "images shrunk to 25-100%% and enlarged back, as faces cut from video); none with a frozen backbone "
                    "trains "
-                   "the head on cached features (default: auto = blur_jpeg with pretrained weights, "
+                   f"the head on cached features (default: auto = {PRETRAINED['augment']} with pretrained weights, "
                    f"{SCRATCH['augment']} from random init)")
-    g.add_argument("--input_jpeg", type=at_least(int, 0), default=0, metavar="QUALITY",
+    g.add_argument("--input_jpeg", type=at_least(int, 0), default=None, metavar="QUALITY",
                    help="re-encode every image as JPEG at QUALITY (1-100) just before the network, in training, "
                    "evaluation and predict.py alike, so that every input carries the same compression and its "
-                   "absence (a PNG, a large photo scaled down) is no cue (default: 0 = off)")
+                   "absence (a PNG, a large photo scaled down) is no cue; 0 = off (default: "
+                   f"{PRETRAINED['input_jpeg']} with pretrained weights, {SCRATCH['input_jpeg']} from random init)")
     g.add_argument("--pseudo_fakes", choices=["none", "sbi", "sbi_only"], default="none",
                    help="self-blended pseudo-fakes made from the real training faces (sbi.py): sbi adds one per "
                    "real image, sbi_only trains on real images and their self-blends alone (default: none)")
@@ -147,7 +148,7 @@ def parse_args(argv=None):
                      f"(got {args.val_fraction} + {args.test_fraction})")
     if args.min_lr_ratio > 1:
         parser.error(f"--min_lr_ratio must be at most 1 (a constant learning rate), got {args.min_lr_ratio}")
-    if args.input_jpeg > 100:
+    if args.input_jpeg is not None and args.input_jpeg > 100:
         parser.error(f"--input_jpeg is a JPEG quality, 1 to 100 (0: off), got {args.input_jpeg}")
     if args.crop_pct > 1:
         parser.error(f"--crop_pct must be at most 1 (the whole image), got {args.crop_pct}")

@@ -145,3 +145,20 @@ def test_rescale_softens_about_half_the_faces():
     plain, outs = augmented_face("rescale")
     softer = sum(detail(out) < 0.97 * detail(plain) for out in outs)
     assert all(out.shape == plain.shape for out in outs) and 10 <= softer <= 30
+
+
+def test_pretrained_runs_compress_their_input_and_old_checkpoints_keep_theirs():
+    import config
+    pretrained, scratch = main.parse_args(["--model", "efficientnet_lite0"]), main.parse_args(["--weights", "none"])
+    config.fill_defaults(pretrained)
+    config.fill_defaults(scratch)
+    assert (pretrained.input_jpeg, scratch.input_jpeg) == (config.PRETRAINED["input_jpeg"], 0)
+    assert pretrained.input_jpeg > 0
+    given = main.parse_args(["--model", "efficientnet_lite0", "--input_jpeg", "0"])
+    config.fill_defaults(given)
+    assert given.input_jpeg == 0  # a flag the user passed wins
+    # a checkpoint saved before --input_jpeg existed was trained on uncompressed input: it keeps that
+    old = main.parse_args(["--evaluate_only"])
+    config.take_flags_from_checkpoint(old, {"model": "efficientnet_lite0", "weights": "imagenet"})
+    config.fill_defaults(old)
+    assert (old.input_jpeg, old.input_filter) == (0, "none")
