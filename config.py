@@ -30,7 +30,7 @@ from media import IMAGE_EXTS
 # Wang et al.'s blur + JPEG augmentation.
 SCRATCH = {"augment": "flip", "image_size": 128, "input_jpeg": 0}
 # --input_jpeg 75 kept the main command's in-domain AUC and lifted its mean over fakes and reals it never
-# saw, on both seeds run (docs/experiments.md, "Beyond the training generator"); not measured from random init.
+# saw, on each of 3 seeds (docs/experiments.md, "Beyond the training generator"); not measured from random init.
 PRETRAINED = {"augment": "blur_jpeg", "input_jpeg": 75}
 # Flags newer than some checkpoints, and what those checkpoints ran with: a resume or an evaluation of
 # one must not get today's default instead.
