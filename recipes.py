@@ -87,6 +87,7 @@ def run_main(argv, folder):
 
 CHECK = """import contextlib, io, json, sys
 import main
+sys.argv[0] = "main.py"  # argparse names the program from it: "main.py: error: ...", not "-c: error: ..."
 refused = []
 for argv in json.loads(sys.stdin.read()):
     err = io.StringIO()
