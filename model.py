@@ -277,6 +277,8 @@ class DeepfakeDetector(nn.Module):
             features = net.num_features
             net.reset_classifier(0)
         self.backbone = net
+        # Checkpoints store this as "head.weight"/"head.bias": a layer added around it (dropout: nn.Sequential)
+        # only when its option is on keeps every older checkpoint loading.
         self.head = nn.Linear(features, num_classes)
         # preprocessing the weights were trained with: used by the data transforms
         size, self.mean, self.std = preprocessing(name)
