@@ -242,7 +242,7 @@ def data_story(data):
     counts = {split: f"{len(ds)} ({sum(t == 0 for t in ds.targets)} real, {sum(t == 1 for t in ds.targets)} fake"
                      + (f", of which {sum(s.pseudo for s in ds.samples)} self-blended" if ds.blend else "")
                      + (f", {ds.blend.no_face} of them from faces not found (a mask in the middle)"
-                        if ds.blend and getattr(ds.blend, "no_face", 0) else "") + ")"
+                        if ds.blend and ds.blend.no_face else "") + ")"
               for split, ds in data.datasets.items()}
     story = {"layout": "pre-split folders" if data.presplit else "one pool, split here (stratified, grouped, seeded)",
              **{f"{k} images": v for k, v in counts.items()},
@@ -253,7 +253,7 @@ def data_story(data):
     extra = sum(s.extra for s in data.datasets["train"].samples)
     if extra:
         story["training images from --train_extra (training only)"] = extra
-    extra_out = data.dropped_extra or {}
+    extra_out = data.dropped_extra
     if extra_out.get("copies"):
         story["--train_extra copies of --data_root files, left out"] = (
             f"{extra_out['copies']} ({extra_out['copies_held_out']} of them copies of val/test images)")

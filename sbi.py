@@ -180,15 +180,15 @@ class SelfBlend:
 
 # ---------------------------------------------------------------- the picture
 
-def save_examples(dataset, path, n=6, seed=0):
+def save_examples(ds, path, n=6, seed=0):
     """pseudo_fakes.png: the pairs trained together, real face | mask | self-blend | what changed, for n
     real training faces."""
-    real = [s for s in dataset.samples if s.label == 0 and not s.pseudo][:n]
+    real = [s for s in ds.samples if s.label == 0 and not s.pseudo][:n]
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(len(real), 4, figsize=(10, 2.5 * len(real)), squeeze=False)
     for ax_row, s in zip(axes, real):
-        img = torch.from_numpy(np.array(dataset.cache[s.row])).permute(2, 0, 1)
-        blended, mask = self_blend(img, dataset.blend.geometry[s.row], rng)
+        img = torch.from_numpy(np.array(ds.cache[s.row])).permute(2, 0, 1)
+        blended, mask = self_blend(img, ds.blend.geometry[s.row], rng)
         change = (blended.float() - img.float()).abs().amax(0)
         pictures = ((img.permute(1, 2, 0), None, "real"), (mask, (0, 1), "blend mask"),
                     (blended.permute(1, 2, 0), None, "self-blend (label: fake)"),
