@@ -150,8 +150,9 @@ def trainable_part(model, loop, frozen, args, precision):
             backbone = nn.Sequential(model.input_filter, model.backbone).train(model.backbone.training)  # frozen: eval
             loop.feature_cache = features.feature_loaders(backbone, loop.loaders, precision)
         else:
-            print("note: the backbone is frozen, but the training images change every epoch (augmentation, "
-                  "self-blends or --tta), so it runs on every image each epoch; --augment none caches its features")
+            print("note: the backbone is frozen, but the training images change every epoch (a training transform "
+                  "unlike the evaluation one: --augment or another data flag; self-blends; --tta), so it runs on "
+                  "every image each epoch; without those its features are computed once")
             loop.feature_cache = {}
     return (model.head, loop.feature_cache) if loop.feature_cache else (model, loop.loaders)
 
