@@ -135,7 +135,7 @@ PLOTS = {
     "confusion_matrix.png": ("Confusion matrix", plot_confusion_matrix),
     "roc_curve.png": ("ROC and precision-recall", plot_roc),
     "gradcam_examples.png": ("Grad-CAM examples", None),
-    "pseudo_fakes.png": ("Pseudo-fakes (self-blended images)", None),
+    "pseudo_fakes.png": ("Pseudo-fakes (self-blends or reconstructions)", None),
 }
 
 
@@ -214,6 +214,8 @@ def beyond_training(rows, threshold, trained_on):
         name, against = (row["fakes"], row["reals"]) if row.get("kind") == "pair" else (row["name"], "itself")
         if row.get("kind") in ("fakes", "reals"):
             against = "(one kind: paired below)"
+        elif row.get("kind") == "unlabelled":
+            against = "(labels unknown: no ROC-AUC)"
         counts = f"{row['real']} / {row['fake']}" if row.get("real") is not None else \
             f"{row['n_images']} (unlabelled, called fake {row['called_fake']:.3f})"
         auc = f"{row['roc_auc']:.4f}" if row.get("roc_auc") is not None and row["roc_auc"] == row["roc_auc"] else "-"
@@ -229,18 +231,19 @@ def beyond_training(rows, threshold, trained_on):
 
 def trained_on(data, root):
     """One plain sentence: what the model learned real and fake from."""
-    train = data.datasets["train"].samples
+    ds = data.datasets["train"]
+    train = ds.samples
     blends, extra = sum(s.pseudo for s in train), sum(s.extra for s in train)
     real, fake = sum(s.label == 0 for s in train), sum(s.label == 1 for s in train)
     return (f"The model trained on {real} real and {fake} fake images from `{root}`"
-            + (f" ({blends} of the fakes self-blended from its reals)" if blends else "")
+            + (f" ({blends} of the fakes {ds.blend.made} made from its reals)" if blends else "")
             + (f", {extra} of them from --train_extra folders" if extra else "") + ", and on nothing else.")
 
 
 def data_story(data):
     """The facts about the data that belong in summary.md."""
     counts = {split: f"{len(ds)} ({sum(t == 0 for t in ds.targets)} real, {sum(t == 1 for t in ds.targets)} fake"
-                     + (f", of which {sum(s.pseudo for s in ds.samples)} self-blended" if ds.blend else "")
+                     + (f", of which {sum(s.pseudo for s in ds.samples)} {ds.blend.made}" if ds.blend else "")
                      + (f", {ds.blend.no_face} of them from faces not found (a mask in the middle)"
                         if ds.blend and ds.blend.no_face else "") + ")"
               for split, ds in data.datasets.items()}

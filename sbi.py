@@ -168,6 +168,8 @@ class SelfBlend:
     worker from that): a resumed run draws the same blends.
     """
 
+    made = "self-blended"  # what summary.md calls these pseudo-fakes
+
     def __init__(self, geometry):
         self.geometry = geometry
         # real faces where the detector found no face: their blends go through a centre mask instead
@@ -205,10 +207,11 @@ def save_examples(ds, path, n=6, seed=0):
     return path
 
 
-def with_pseudo_fakes(train, blend, only=False):
-    """The training split plus a pseudo-fake (label fake) made by `blend` from every real image;
-    only=True drops the split's own fakes, so the fakes come from blending alone."""
+def with_pseudo_fakes(train, blend, only=False, extra_only=False):
+    """The training split plus a pseudo-fake (label fake) made by `blend` from every real image (extra_only:
+    from the --train_extra ones alone); only=True drops the split's own fakes, so the fakes come from
+    blending alone."""
     reals = [s for s in train.samples if s.label == 0]
-    pseudo = [replace(s, label=1, pseudo=True) for s in reals]
+    pseudo = [replace(s, label=1, pseudo=True) for s in reals if s.extra or not extra_only]
     return dataset.DeepfakeDataset((reals if only else train.samples) + pseudo, train.transform, train.cache,
-                                   train.size, blend)
+                                   train.size, blend, train.route)
