@@ -143,10 +143,14 @@ def crop_square(box: Box, width: int, height: int, margin: float = 1.3) -> tuple
     return left, top, left + side, top + side
 
 
-def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int = 256,
+FACE_SIZE = 256  # side of the face crops (faces.py writes them, predict.py scores them), as the training faces
+
+
+def crop_faces(rgb: np.ndarray, detector, margin: float = 1.3, size: int | None = FACE_SIZE,
                all_faces: bool = False) -> list[tuple[Image.Image, Box]]:
-    """Square face crops resized to size x size, largest face first."""
+    """Square face crops resized to size x size (size None: at the picture's own pixels), largest face first."""
     boxes = sorted(detector(rgb), key=lambda b: (b[2] - b[0]) * (b[3] - b[1]), reverse=True)
     image = Image.fromarray(rgb)
-    return [(image.crop(crop_square(b, image.width, image.height, margin)).resize((size, size), Image.BICUBIC), b)
-            for b in (boxes if all_faces else boxes[:1])]
+    crops = [(image.crop(crop_square(b, image.width, image.height, margin)), b)
+             for b in (boxes if all_faces else boxes[:1])]
+    return crops if size is None else [(crop.resize((size, size), Image.BICUBIC), b) for crop, b in crops]

@@ -52,6 +52,21 @@ def resize_square(im, size):
     return np.array(ImageOps.fit(im, (size, size), Image.Resampling.BILINEAR))
 
 
+# --input_route: how an image becomes the square the transforms start from (the cache, predict.py).
+#   resize  the short side resized to the cache size, centre square (every face seen whole)
+#   crop    the centre square at the image's own pixels (SAFE, Li et al., KDD 2025): a generator's
+#           pixel-level traces are never resampled away; an image smaller than that is enlarged
+ROUTES = ("resize", "crop")
+
+
+def square_pixels(im, size, route="resize"):
+    """PIL image -> (size, size, 3) uint8 as --input_route says."""
+    if route == "crop" and min(im.size) >= size:
+        left, top = (im.width - size) // 2, (im.height - size) // 2
+        return np.array(im.crop((left, top, left + size, top + size)))
+    return resize_square(im, size)
+
+
 class Downscale(torch.nn.Module):
     """Shrink a (3, S, S) image to a random share of S in `scale` and enlarge it back to S: the
     detail of a face that filled fewer pixels."""
@@ -96,20 +111,24 @@ def _finish(steps, mean, std, jpeg):
                       + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
-def train_transform(image_size, mean, std, augment="blur_jpeg", crop_pct=CROP_PCT, jpeg=0):
+def train_transform(image_size, mean, std, augment="blur_jpeg", crop_pct=CROP_PCT, jpeg=0, route="resize"):
     """uint8 (3, S, S) -> normalized float (3, image_size, image_size), augmented as `augment` says;
-    jpeg > 0 re-encodes every image at that quality last, as eval_transform does."""
+    jpeg > 0 re-encodes every image at that quality last, as eval_transform does. With route "crop"
+    the crop is always a random one (SAFE's random crops: where in the face a patch sits is no cue)."""
     random_crop, extra = AUGMENTATIONS[augment]
-    crop = v2.RandomCrop(image_size) if random_crop else v2.CenterCrop(image_size)
+    crop = v2.RandomCrop(image_size) if random_crop or route == "crop" else v2.CenterCrop(image_size)
     steps = [v2.Resize(cache_size_for(image_size, crop_pct), antialias=True), crop]  # a no-op on cached pixels
     if extra is not None:
         steps += [v2.RandomHorizontalFlip(), *extra]
     return _finish(steps, mean, std, jpeg)
 
 
-def eval_transform(image_size, mean, std, crop_pct=CROP_PCT, jpeg=0):
+def eval_transform(image_size, mean, std, crop_pct=CROP_PCT, jpeg=0, route="resize"):
     """Deterministic: resize the short side (256 for 224), centre crop, (re-encode as JPEG), normalize; same
-    scale as training."""
+    scale as training. With route "crop" the whole square as cached, at its own pixels: a network that
+    pools over any size then scores every patch of it, each as it trained on random image_size crops."""
+    if route == "crop":
+        return _finish([], mean, std, jpeg)
     return _finish([v2.Resize(cache_size_for(image_size, crop_pct), antialias=True), v2.CenterCrop(image_size)],
                    mean, std, jpeg)
 
@@ -118,11 +137,13 @@ class Transforms(NamedTuple):
     train: v2.Compose
     eval: v2.Compose
     cache_size: int  # the decoded-image cache's side (cache_size_for)
+    route: str = "resize"  # how an image becomes that square (square_pixels)
 
 
 def transforms(config, mean, std):
     """The transforms a run's configuration (main.py's flags, a checkpoint's "args") asks for: the one
     place where data flags reach them, for a new run and for a checkpoint loaded back to score."""
     size, crop_pct, jpeg = config["image_size"], config.get("crop_pct", CROP_PCT), config.get("input_jpeg", 0)
-    return Transforms(train_transform(size, mean, std, config.get("augment", "none"), crop_pct, jpeg),
-                      eval_transform(size, mean, std, crop_pct, jpeg), cache_size_for(size, crop_pct))
+    route = config.get("input_route", "resize")
+    return Transforms(train_transform(size, mean, std, config.get("augment", "none"), crop_pct, jpeg, route),
+                      eval_transform(size, mean, std, crop_pct, jpeg, route), cache_size_for(size, crop_pct), route)
