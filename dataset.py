@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from cli import progress
 from media import IMAGE_EXTS, MediaError, crop_source, load_rgb
-from presets import resize_square
+from presets import square_pixels
 
 CLASSES = ("real", "fake")  # index = label
 CLASS_DIRS = ("real_data", "fake_data")
@@ -109,10 +109,10 @@ def find_samples(root):
 # ---------------------------------------------------------------- loading pixels
 
 class _Decode(Dataset):
-    """Decode + resize + hash one file; a DataLoader runs it on every core."""
+    """Decode + resize (or crop, presets.square_pixels) + hash one file; a DataLoader runs it on every core."""
 
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
+    def __init__(self, paths, size, route="resize"):
+        self.paths, self.size, self.route = paths, size, route
 
     def __len__(self):
         return len(self.paths)
@@ -121,23 +121,24 @@ class _Decode(Dataset):
         path = self.paths[i]
         try:
             digest = hashlib.sha1(Path(path).read_bytes()).hexdigest()
-            return i, resize_square(load_rgb(path), self.size), digest, ""
+            return i, square_pixels(load_rgb(path), self.size, self.route), digest, ""
         except Exception as e:  # any decoder error means: skip this file, say why
             why = str(e).removeprefix(f"{path}: ") if isinstance(e, MediaError) else f"{type(e).__name__}: {e}"
             return i, np.zeros((self.size, self.size, 3), np.uint8), "", why
 
 
-def build_cache(samples, size, cache_dir="cache", workers=2):
-    """Decode every image once into a uint8 (N, size, size, 3) .npy memmap.
+def build_cache(samples, size, cache_dir="cache", workers=2, route="resize"):
+    """Decode every image once into a uint8 (N, size, size, 3) .npy memmap, resized or cropped as route says.
 
     The cache folder's name hashes the file list with sizes and mtimes, so any
     added, removed or edited file gives a new cache. Sets Sample.row and
     Sample.digest; returns (memmap, {path: error} for unreadable files).
     """
     paths = [s.path for s in samples]
-    key = hashlib.sha1(json.dumps([size] + [
+    how = [size] if route == "resize" else [size, route]  # the key of a resized cache is what it always was
+    key = hashlib.sha1(json.dumps(how + [
         (os.path.abspath(p), os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]).encode()).hexdigest()[:16]
-    folder = Path(cache_dir) / f"{size}px-{key}"
+    folder = Path(cache_dir) / f"{size}px{'' if route == 'resize' else '-' + route}-{key}"
     index_path = folder / "index.json"
     if index_path.is_file():  # written last, so its presence means the cache is complete
         index = json.loads(index_path.read_text())
@@ -145,7 +146,7 @@ def build_cache(samples, size, cache_dir="cache", workers=2):
         folder.mkdir(parents=True, exist_ok=True)
         images = np.lib.format.open_memmap(folder / "images.npy", "w+", np.uint8, (len(paths), size, size, 3))
         index = {"paths": paths, "digests": [""] * len(paths), "errors": {}}
-        loader = DataLoader(_Decode(paths, size), batch_size=None, num_workers=workers)
+        loader = DataLoader(_Decode(paths, size, route), batch_size=None, num_workers=workers)
         for i, pixels, digest, error in progress(loader, f"caching {len(paths)} images", unit="img"):
             images[i], index["digests"][i] = pixels.numpy(), digest
             if error:
@@ -224,6 +225,19 @@ def drop_cross_class_copies(samples):
     return [s for s in samples if s.digest not in both], sorted(s.path for s in samples if s.digest in both)
 
 
+def class_folder_holding(path, roots):
+    """The class folder (real_data/ or fake_data/, pre-split ones too) under one of roots that path lies in,
+    or None: a run writing there would put its own pictures among the images."""
+    path = Path(path).resolve()
+    for root in map(lambda r: Path(r).resolve(), roots):
+        if root in path.parents or root == path:
+            parts = path.relative_to(root).parts
+            for k, part in enumerate(parts[:2]):
+                if part in CLASS_DIRS and (k == 0 or parts[0] in SPLITS):
+                    return root.joinpath(*parts[:k + 1])
+    return None
+
+
 def find_extra_samples(root):
     """--train_extra: the images of root's real_data/ and/or fake_data/, for the training split only
     (e.g. real faces cut from videos beside a photo dataset)."""
@@ -257,23 +271,38 @@ class DeepfakeDataset(Dataset):
 
     classes = CLASSES
 
-    def __init__(self, samples, transform=None, cache=None, size=256, blend=None):
-        self.samples, self.transform, self.cache, self.size = samples, transform, cache, size
-        self.blend = blend  # makes the pseudo-fake of a real image: sbi.SelfBlend
+    def __init__(self, samples, transform=None, cache=None, size=256, blend=None, route="resize"):
+        self.samples, self.transform, self.cache, self.size, self.route = samples, transform, cache, size, route
+        self.blend = blend  # makes the pseudo-fake of a real image: sbi.SelfBlend, autoencoder.Reconstruction
         self.targets = [s.label for s in samples]
 
     def __len__(self):
         return len(self.samples)
 
-    def __getitem__(self, i):
+    def __getitem__(self, i, seed=None):
         s = self.samples[i]
-        pixels = np.array(self.cache[s.row]) if self.cache is not None else resize_square(load_rgb(s.path), self.size)
+        pixels = (np.array(self.cache[s.row]) if self.cache is not None
+                  else square_pixels(load_rgb(s.path), self.size, self.route))
         img = torch.from_numpy(pixels).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W) uint8
         if s.pseudo:
             img = self.blend(img, s.row)
-        if self.transform is not None:
-            img = self.transform(img)
-        return img, s.label
+        if self.transform is None:
+            return img, s.label
+        if seed is None:
+            return self.transform(img), s.label
+        with torch.random.fork_rng(devices=[]):  # the given draw here, the stream untouched outside
+            torch.manual_seed(seed)
+            return self.transform(img), s.label
+
+    def __getitems__(self, indices):
+        """A batch (the DataLoader asks for whole batches where this exists). Where the pseudo-fakes say so
+        (autoencoder.Reconstruction), a real image and its pseudo-fake in one batch take the same random crop,
+        flip, blur and JPEG: then they differ only by what made the pseudo-fake."""
+        if not getattr(self.blend, "same_augmentation", False):
+            return [self[i] for i in indices]
+        rows = Counter(self.samples[i].row for i in indices)
+        seeds = {row: int(torch.randint(2**62, ())) for row, n in rows.items() if n > 1}
+        return [self.__getitem__(i, seeds.get(self.samples[i].row)) for i in indices]
 
 
 @dataclass
@@ -304,7 +333,7 @@ def prepare_data(root, transforms, val_fraction=0.15, test_fraction=0.15, seed=0
                                    key=lambda s: s.path)]
     samples += [s for folder in train_extra for s in find_extra_samples(folder)]
     size = transforms.cache_size
-    cache, corrupt = build_cache(samples, size, cache_dir, workers)
+    cache, corrupt = build_cache(samples, size, cache_dir, workers, transforms.route)
     if corrupt:
         print(f"warning: skipped {len(corrupt)} unreadable image(s); fix or delete them:\n  "
               + "\n  ".join(f"{p} ({e})" for p, e in list(corrupt.items())[:20])
@@ -338,13 +367,13 @@ def prepare_data(root, transforms, val_fraction=0.15, test_fraction=0.15, seed=0
     sizes = Counter(s.group for s in samples)
     tf = {"train": transforms.train, "val": transforms.eval, "test": transforms.eval}
     datasets = {split: DeepfakeDataset([s for s in samples if s.split == split], tf[split],
-                                       cache if use_cache else None, size)
+                                       cache if use_cache else None, size, route=transforms.route)
                 for split in SPLITS}
     return Data(datasets, samples, corrupt, conflicts, duplicates, dropped, dropped_extra,
                 sum(n > 1 for n in sizes.values()), presplit)
 
 
-def prepare_test_set(root, transform, size, cache_dir="cache", workers=2):
+def prepare_test_set(root, transform, size, cache_dir="cache", workers=2, route="resize"):
     """An extra held-out folder, scored after training (main.py --test_sets): real_data/ and/or
     fake_data/ inside (labelled), or a plain folder of images (labels unknown, reported as the
     share called fake), decoded at `size` and scored through `transform` (the evaluation one).
@@ -357,11 +386,11 @@ def prepare_test_set(root, transform, size, cache_dir="cache", workers=2):
     samples = [Sample(str(p), label) for label, d in folders if d.is_dir() for p in _images_in(d)]
     if not samples:
         raise DatasetError(f"{root}: no images ({', '.join(sorted(IMAGE_EXTS))}) in the test set")
-    cache, corrupt = build_cache(samples, size, cache_dir, workers)
+    cache, corrupt = build_cache(samples, size, cache_dir, workers, route)
     readable = [s for s in samples if s.path not in corrupt]
     if not readable:
         raise DatasetError(f"{root}: none of its {len(samples)} images could be read")
-    return DeepfakeDataset(readable, transform, cache, size), labelled, corrupt
+    return DeepfakeDataset(readable, transform, cache, size, route=route), labelled, corrupt
 
 
 def check_splits(data, root, val_fraction, test_fraction):
@@ -393,4 +422,4 @@ def oversample(dataset):
     by_label = {c: [s for s in dataset.samples if s.label == c] for c in set(dataset.targets)}
     most = max(len(v) for v in by_label.values())
     samples = [s for v in by_label.values() for s in (v * (most // len(v) + 1))[:most]]
-    return DeepfakeDataset(samples, dataset.transform, dataset.cache, dataset.size, dataset.blend)
+    return DeepfakeDataset(samples, dataset.transform, dataset.cache, dataset.size, dataset.blend, dataset.route)
