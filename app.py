@@ -193,6 +193,7 @@ def create_app(predictor, checkpoint=None, max_image_mb=10.0, max_video_mb=50.0,
                 raise UploadError(status, f"{name}: cannot be decoded: {detail}") from None
             answer = to_json(result, name, max_images)
             answer["seconds"] = round(time.perf_counter() - start, 2)
+            answer["validated_on"] = engine.validation_line(predictor.detector.validated_on)
             return jsonify(answer)
         finally:
             for p in (raw, path):

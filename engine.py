@@ -260,10 +260,12 @@ class Detector:
     threshold_source: str
     args: dict                    # the flags the checkpoint was trained with
     epoch: int                    # 0-based epoch the weights are from
+    route: str = "resize"         # how a picture becomes the cached square (presets.square_pixels, --input_route)
+    validated_on: dict = None     # what the run scored it on after training (validation_record), if anything
 
     def preprocess(self, pil):
         """PIL face crop -> normalized (3, S, S), exactly as the training cache + eval transform."""
-        pixels = presets.resize_square(pil, self.cache_size)  # (s, s, 3) uint8
+        pixels = presets.square_pixels(pil, self.cache_size, self.route)  # (s, s, 3) uint8
         return self.transform(torch.from_numpy(pixels).permute(2, 0, 1))
 
     @torch.inference_mode()
@@ -300,4 +302,41 @@ def load_detector(path, device="auto", precision="auto", tta=None):
         threshold, source = DEFAULT_THRESHOLD, f"{DEFAULT_THRESHOLD} default (checkpoint has no threshold)"
     scorer = FlipAverage(model) if (tta or args.get("tta")) == "flip" else model
     return Detector(model, scorer, run, tf.eval, image_size, tf.cache_size, float(threshold), source, args,
-                    ckpt.get("epoch", -1))
+                    ckpt.get("epoch", -1), tf.route, ckpt.get("validated_on"))
+
+
+# ---------------------------------------------------------------- what a checkpoint was validated on
+
+def validation_record(in_domain, test_sets):
+    """What a checkpoint keeps of its run's scores (plain data): the in-domain ROC-AUC, and per --test_sets
+    folder the ROC-AUC that says most: a labelled folder's own, a fake-only folder's against the real-only
+    folders pooled (real photos of other sources) where there are any, else against the test reals."""
+    rows = [r for r in test_sets if "error" not in r and r.get("roc_auc") is not None]
+    sets = [{"set": r["name"], "against": "its own reals", "roc_auc": r["roc_auc"]}
+            for r in rows if r.get("kind") == "labelled"]
+    for fakes in dict.fromkeys(r["fakes"] for r in rows if r.get("kind") == "pair"):
+        pairs = [r for r in rows if r.get("kind") == "pair" and r["fakes"] == fakes]
+        best = max(pairs, key=lambda r: ("+" in r["reals"], not r["reals"].endswith(" reals")))
+        sets.append({"set": fakes, "against": best["reals"], "roc_auc": best["roc_auc"]})
+    return {"in_domain": {"data": in_domain["path"], "roc_auc": in_domain["roc_auc"]},
+            "sets": [s for s in sets if not s["set"].endswith((" fakes", " reals"))]}
+
+
+def validation_line(record):
+    """One line beside a verdict: what the model was validated on, so that a "real" on a face of an
+    unknown generator is not read as proof."""
+    if not record:
+        return ("validated on: its own test split only; not validated on other generators, face swaps or edits: "
+                "a 'real' verdict on those is no proof")
+    domain = record["in_domain"]
+    sets = ", ".join(f"{s['set']} {s['roc_auc']:.2f}" for s in record["sets"])
+    return (f"validated on: {domain['data']} (in-domain) ROC-AUC {domain['roc_auc']:.2f}"
+            + (f"; never trained on: {sets}" if sets else "")
+            + "; not validated on anything else: a 'real' verdict on another kind of fake is no proof")
+
+
+def record_validation(path, record):
+    """Store validation_record() in the checkpoint at path (atomically)."""
+    ckpt = load_checkpoint(path)
+    ckpt["validated_on"] = record
+    save_checkpoint(ckpt, path)

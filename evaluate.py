@@ -16,11 +16,13 @@ import runtime
 import utils
 
 
-def evaluate_and_report(args, detector, data, out, history, dist):
-    """Score the test split (or every image) with a loaded detector; rank 0 writes every report file."""
+def evaluate_and_report(args, detector, data, out, history, dist, record_in=None):
+    """Score the test split (or every image) with a loaded detector; rank 0 writes every report file, and
+    stores in the checkpoint file record_in (the one just trained) what it was validated on."""
     split = "test" if args.eval_split == "test" else "all"
     test = data.datasets["test"]
-    ds = test if split == "test" else dataset.DeepfakeDataset(data.samples, test.transform, test.cache, test.size)
+    ds = test if split == "test" else dataset.DeepfakeDataset(data.samples, test.transform, test.cache, test.size,
+                                                              route=test.route)
     loader = engine.make_loader(ds, args.batch_size, args.workers, dist)
     runtime.choose_scorer(detector, args.runtime, len(ds))
     criterion = engine.make_criterion(detector.args)  # the loss it trained with
@@ -31,6 +33,8 @@ def evaluate_and_report(args, detector, data, out, history, dist):
     test_sets = score_test_sets(args, detector, criterion, in_domain, te, data, dist)
     if not dist.main:
         return None
+    if record_in is not None:  # predict.py and the web page say it beside every verdict
+        engine.record_validation(record_in, engine.validation_record(in_domain, test_sets or [in_domain]))
     metrics = report.write_test_report(out, te["labels"], te["probs"], detector.threshold, split)
     report.draw_plots({"history": history, "labels": te["labels"], "probs": te["probs"], "split": split,
                        "threshold": detector.threshold, "loss": engine.loss_name(criterion)}, out)
@@ -76,7 +80,7 @@ def score_test_sets(args, detector, criterion, in_domain, test, data, dist):
         try:
             with utils.main_rank_first(dist):
                 ds, labelled, unreadable = dataset.prepare_test_set(path, detector.transform, detector.cache_size,
-                                                                    args.cache_dir, args.workers)
+                                                                    args.cache_dir, args.workers, detector.route)
         except dataset.DatasetError as e:  # one bad folder: say so, score the others
             print(f"error: {e}")
             rows.append({"name": name, "path": path, "error": str(e)})
@@ -91,7 +95,8 @@ def score_test_sets(args, detector, criterion, in_domain, test, data, dist):
                      "unreadable": len(unreadable), "seen_in_training": sum(s.digest in seen for s in ds.samples)})
         if kind != "unlabelled":
             scored[name] = te
-        auc = f"ROC-AUC {row['roc_auc']:.4f}" if row else "one kind: ranked against the other kind below"
+        auc = (f"ROC-AUC {row['roc_auc']:.4f}" if row else "labels unknown (no real_data/ or fake_data/ inside): "
+               "no ROC-AUC" if kind == "unlabelled" else "one kind: ranked against the other kind below")
         print(f"test set {name}: {len(ds)} images ({kind}), {auc}, called fake {rows[-1]['called_fake']:.3f}")
         if unreadable:
             print(f"warning: test set {name}: skipped {len(unreadable)} unreadable file(s), "

@@ -78,6 +78,7 @@ function render(a) {
   const where = a.kind === "video" ? ` in ${a.frames} sampled frames` : "";
   $("summary").textContent = noFace ? a.name
     : `P(fake) ${a.fake_probability.toFixed(3)} (threshold ${a.threshold.toFixed(2)}), ${a.faces} face(s)${where}, ${a.seconds} s`;
+  $("validated").textContent = a.validated_on || "";
   const note = [a.message, a.warning && `Note: ${a.warning}`].filter(Boolean).join(" ");
   $("message").textContent = note;
   show("message", !!note);
