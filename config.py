@@ -11,11 +11,15 @@ once; args.json and summary.md record the object it returns, and args.notes hold
 reader of the results must know (summary.md shows the notes on top).
 """
 import fcntl
+import hashlib
+import json
 import os
 import shutil
 import sys
+import uuid
 from pathlib import Path
 
+import autoencoder
 import dataset
 import detect
 import engine
@@ -34,7 +38,7 @@ SCRATCH = {"augment": "flip", "image_size": 128, "input_jpeg": 0}
 PRETRAINED = {"augment": "blur_jpeg", "input_jpeg": 75}
 # Flags newer than some checkpoints, and what those checkpoints ran with: a resume or an evaluation of
 # one must not get today's default instead.
-BEFORE_THE_FLAG = {"input_jpeg": 0, "input_filter": "none"}
+BEFORE_THE_FLAG = {"input_jpeg": 0, "input_filter": "none", "input_route": "resize", "pseudo_from": "all"}
 # Where ResNet18's ImageNet weights cannot be downloaded and the user named neither --model nor
 # --weights: the backbone whose ImageNet weights come with the install. It beats ResNet18 from random
 # init by a wide margin on the shared faces (docs/experiments.md, "Pretrained backbone").
@@ -43,11 +47,12 @@ WEIGHTS_DOC = "docs/training.md, 'Pretrained weights and offline use'"
 SAMPLE = Path(__file__).resolve().parent / "samples" / "faces"
 
 # Flags about this very run and machine: never taken from a checkpoint.
-OWN = {"resume", "evaluate_only", "checkpoint", "eval_split", "overwrite", "device", "runtime", "machine", "notes"}
+OWN = {"resume", "evaluate_only", "checkpoint", "eval_split", "overwrite", "device", "runtime", "machine", "notes",
+       "run_id"}
 # A resume takes every other flag from its checkpoint unless the command line gives it again; these
 # may then differ (the change is printed). Any other difference would change the model, the data
 # split or the batches, so the resume is refused instead.
-RESUME_MAY_CHANGE = {"epochs", "workers", "precision", "cache_dir", "output_dir", "test_sets"}
+RESUME_MAY_CHANGE = {"epochs", "workers", "precision", "cache_dir", "output_dir", "test_sets", "latent_weights"}
 # An evaluation takes what was trained (model, weights, split, recipe) from its checkpoint; it may
 # score in other batches or with test-time augmentation. Where and how it runs is its own.
 EVALUATION_MAY_CHANGE = {"batch_size", "tta"}
@@ -62,8 +67,10 @@ def resolve(args, dist, device):
     if args.evaluate_only or args.resume is not None:
         path, ckpt = checkpoint_to_start_from(args)
         take_flags_from_checkpoint(args, ckpt["args"])
+        args.run_id = run_identity(ckpt)
     else:
         use_sample_if_no_data(args)
+        args.run_id = uuid.uuid4().hex  # names this run in its checkpoints and its folder's manifest
     check_inputs(args)  # before any download
     if ckpt is None:
         choose_weights(args)
@@ -92,11 +99,23 @@ def check_inputs(args):
             dataset.find_extra_samples(folder)
         except dataset.DatasetError as e:
             sys.exit(f"error: {e}")
+    inside = dataset.class_folder_holding(args.output_dir, [args.data_root, *args.train_extra])
+    if inside:
+        sys.exit(f"error: --output_dir {args.output_dir} is inside {inside}, where the images are read from: the "
+                 f"next run would train on the report's pictures; pick an --output_dir outside the data")
     for item in args.test_sets:
         name, path = item.split("=", 1)
         if not Path(path).is_dir():
             sys.exit(f"error: --test_sets {name}={path}: folder not found")
-    if args.pseudo_fakes != "none" and args.sbi_mask == "hull" and not args.evaluate_only:
+    if args.pseudo_from == "train_extra" and args.pseudo_fakes != "none" and not args.train_extra:
+        sys.exit("error: --pseudo_from train_extra makes pseudo-fakes of the --train_extra reals only, but no "
+                 "--train_extra folder was given")
+    if args.pseudo_fakes == "taef2" and not args.evaluate_only:
+        missing = [f for f in autoencoder.FILES if not (Path(args.latent_weights) / f).is_file()]
+        if missing:
+            sys.exit(f"error: --pseudo_fakes taef2: {', '.join(missing)} not found in --latent_weights "
+                     f"{args.latent_weights}; download them from github.com/madebyollin/taesd")
+    if args.pseudo_fakes in ("sbi", "sbi_only") and args.sbi_mask == "hull" and not args.evaluate_only:
         try:
             detect.shape_predictor_file()
         except ImportError as e:
@@ -248,6 +267,12 @@ _held = {}  # run folder -> its open lock file, for as long as this process live
 # --resume goes on training (written anew at the end), so that a folder never describes a model it does
 # not hold, even after a Ctrl-C.
 REPORT_FILES = ("summary.md", "metrics.json", "predictions.csv", "classification_report.txt", *report.PLOTS)
+EVALUATION_FILES = ("args.json", "split.csv", *REPORT_FILES)  # everything an evaluation writes
+RUN_FILES = (*EVALUATION_FILES, "history.csv", "checkpoints/last.pt", "checkpoints/best.pt")  # and a training
+# The list of what this project wrote in a folder (and for which run): the only files --overwrite and
+# --resume ever remove. A folder holds a run (or an evaluation) when it holds files of that list.
+MANIFEST = "written_by_main.json"
+WRITER = "main.py of the deepfake face-image detector"
 
 
 def hold_output_dir(out):
@@ -270,25 +295,64 @@ def hold_output_dir(out):
     _held[key] = handle  # kept open: closing it would release the lock
 
 
-def remove(paths, why):
-    """Delete files and folders this project wrote, saying so once."""
-    paths = [p for p in paths if p.exists()]
-    for p in paths:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-    if paths:
-        print(f"note: {why}: removed {', '.join(p.name for p in paths)}")
+def run_identity(ckpt):
+    """The id of the run a checkpoint belongs to: the one it was made with, or for a checkpoint from before
+    ids, a digest of its first epoch (no two runs share their first epoch's losses)."""
+    run_id = ckpt.get("args", {}).get("run_id")
+    if run_id:
+        return run_id
+    first = ckpt.get("history") or [ckpt.get("args", {})]
+    return "before-ids-" + hashlib.sha1(json.dumps(first[0], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_ours(folder):
+    """True if folder's manifest is one this project wrote."""
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("written_by") == WRITER
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def written_here(folder):
+    """(the files this project wrote in folder that are still there, relative paths; the id of their run or
+    None). From the folder's manifest; a run from before manifests is known by its checkpoints, and then
+    only the files a run writes count as its own."""
+    try:
+        if not is_ours(folder):
+            raise ValueError
+        manifest = json.loads((folder / MANIFEST).read_text())
+        files, run_id = manifest["files"], manifest["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):  # none, or not ours
+        if folder.name == "evaluation":  # an evaluation from before manifests: its run's folder knows it
+            ours, run_id = written_here(folder.parent)
+            return [f.split("/", 1)[1] for f in ours if f.startswith("evaluation/")], run_id
+        checkpoints = [p for p in (folder / "checkpoints" / n for n in ("last.pt", "best.pt")) if p.is_file()]
+        if not checkpoints:
+            return [], None
+        try:
+            run_id = run_identity(engine.load_checkpoint(checkpoints[0]))
+        except engine.CheckpointError:
+            return [], None  # a user's file of that name: not a run of ours
+        files = [*RUN_FILES, *(f"evaluation/{f}" for f in EVALUATION_FILES)]  # what such a run wrote, by name
+    ours = [f for f in files if (folder / f).is_file()]
+    if (folder / "evaluation" / MANIFEST).is_file():  # an evaluation of the run, with its own manifest
+        ours += [f"evaluation/{f}" for f in written_here(folder / "evaluation")[0] + [MANIFEST]]
+    return ours, run_id
 
 
 def prepare_output(args, ckpt_path, write=True):
-    """The run folder, locked; never replaces an earlier run or evaluation unless asked. An evaluation
-    also holds the lock of the run whose checkpoint it scores, so it never reads a best.pt that a training
-    is rewriting. write=False (torchrun's ranks > 0) makes the same checks and changes nothing."""
+    """The output folder, locked and checked; returns (folder, what of ours to remove before writing).
+
+    Refuses a folder holding files this project did not write under the names it writes (it would write
+    over them), a finished run or evaluation unless --overwrite, and a resume into a folder that holds
+    another run. Removes nothing: main() calls start_output() once every check that can refuse (the data,
+    the split) has passed. An evaluation also holds the lock of the run whose checkpoint it scores, so it
+    never reads a best.pt that a training is rewriting. write=False (torchrun's ranks > 0) locks nothing."""
     run = Path(args.output_dir)
     out = run / ("evaluation" if args.evaluate_only else "")
     for folder in (run, out):
         if folder.exists() and not folder.is_dir():
             sys.exit(f"error: --output_dir {folder} is a file, not a folder; pick another --output_dir")
-    last, best = out / "checkpoints" / "last.pt", out / "checkpoints" / "best.pt"
     if write:
         hold_output_dir(out)
         if args.evaluate_only and ckpt_path is not None and ckpt_path.parent.name == "checkpoints":
@@ -296,27 +360,56 @@ def prepare_output(args, ckpt_path, write=True):
                 hold_output_dir(ckpt_path.parent.parent)  # the run that wrote it: not while it trains
             except OSError:
                 pass  # a folder we may not write to (someone else's checkpoints): no training of ours writes there
-    finished = (out / "summary.md").exists() or (out / "metrics.json").exists()
+    ours, owner = written_here(out)
+    planned = EVALUATION_FILES if args.evaluate_only else RUN_FILES
+    theirs = [f for f in planned if (out / f).exists() and f not in ours]
+    theirs += [MANIFEST] if (out / MANIFEST).exists() and not is_ours(out) else []
+    if theirs:
+        sys.exit(f"error: {out} holds {', '.join(theirs)}, which this project did not write, and a run would write "
+                 f"over {'it' if len(theirs) == 1 else 'them'}: move {'it' if len(theirs) == 1 else 'them'} "
+                 f"elsewhere or pick another --output_dir")
     if args.evaluate_only:
-        if finished and not args.overwrite:
+        if ours and not args.overwrite:
             sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
-        if write:
-            remove([out / f for f in REPORT_FILES], f"replacing the evaluation in {out}")
-        return out
-    resuming = args.resume is not None
-    if not resuming and (last.exists() or finished):
-        if not args.overwrite:
-            sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, "
-                     f"or replace it with --overwrite")
-        if write:  # asked for: nothing of the old run may pass for the new one's
-            remove([last, best, out / "evaluation", out / "history.csv", *(out / f for f in REPORT_FILES)],
-                   f"replacing the run in {out}")
-    if write and resuming:
-        remove([out / f for f in REPORT_FILES], "training goes on, the report is written anew when it ends")
-    if write and resuming and not best.exists() and (ckpt_path.parent / "best.pt").exists():
+        return out, ours
+    if args.resume is None or owner not in (None, args.run_id):
+        if ours and not args.overwrite:
+            sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, or replace "
+                     f"it with --overwrite" if args.resume is None else
+                     f"error: {out} holds another run than the checkpoint {ckpt_path} (a copy, or a run trained "
+                     f"there since); resume into another --output_dir, or replace that run with --overwrite")
+        return out, ours
+    return out, [f for f in ours if f in REPORT_FILES]  # the same run goes on: its report is written anew
+
+
+def start_output(args, out, stale, ckpt_path):
+    """Once nothing can refuse any more: remove what prepare_output() found stale (files this project wrote,
+    nothing else), keep the best checkpoint of a run resumed into a new folder, and record in the manifest
+    what this run writes."""
+    why = ("replacing the evaluation in" if args.evaluate_only else
+           "training goes on, the report is written anew when it ends in" if args.resume is not None and
+           set(stale) <= set(REPORT_FILES) else "replacing the run in")
+    remove(out, stale, f"{why} {out}")
+    for folder in (out / "evaluation", out / "checkpoints"):  # a folder of ours left empty (but its lock) goes too
+        if (folder.is_dir() and any(f.startswith(folder.name + "/") for f in stale)
+                and {p.name for p in folder.iterdir()} <= {".lock"}):
+            (folder / ".lock").unlink(missing_ok=True)
+            folder.rmdir()
+    best = out / "checkpoints" / "best.pt"
+    if args.resume is not None and not best.exists() and (ckpt_path.parent / "best.pt").exists():
         best.parent.mkdir(parents=True, exist_ok=True)  # resumed into a new folder: keep the best so far
         shutil.copy2(ckpt_path.parent / "best.pt", best)
-    return out
+    planned = EVALUATION_FILES if args.evaluate_only else RUN_FILES
+    report.write_json({"written_by": WRITER, "run_id": args.run_id, "files": list(planned)}, out / MANIFEST)
+
+
+def remove(folder, names, why):
+    """Delete files this project wrote in folder (relative names), saying so once."""
+    names = [n for n in names if (folder / n).is_file()]
+    for n in names:
+        (folder / n).unlink()
+    if names:
+        print(f"note: {why}: removed {', '.join(names)}")
 
 
 def single_process_only(args, dist):
@@ -325,7 +418,7 @@ def single_process_only(args, dist):
         sys.exit("error: --balance sampler weighs one process's view of the data; under torchrun use "
                  "--balance oversample")
     if dist.on and args.pseudo_fakes != "none":
-        sys.exit("error: --pseudo_fakes keeps each real face and its self-blend in one batch, which torchrun's "
+        sys.exit("error: --pseudo_fakes keeps each real image and its pseudo-fake in one batch, which torchrun's "
                  "DistributedSampler does not; run it in one process (python main.py)")
     if dist.on and args.unfreeze_at:
         sys.exit("error: --unfreeze_at changes which parameters train mid-run, which DistributedDataParallel "

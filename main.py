@@ -10,12 +10,15 @@ Everything a grader needs lands in --output_dir (default results/): summary.md
 first, then the report, plots, metrics.json, history.csv, args.json, split.csv.
 """
 import argparse
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
+import autoencoder
 import config
 import dataset
 import engine
@@ -29,7 +32,7 @@ from cli import (DEFAULT_WORKERS, add_machine_flags, at_least, checked, fraction
                  positive, silence)
 from config import PRETRAINED, SCRATCH
 from model import INPUT_FILTERS, MODELS, WeightsError, check_name, detector_from
-from presets import AUGMENTATIONS, CROP_PCT
+from presets import AUGMENTATIONS, CROP_PCT, ROUTES
 
 
 def get_args_parser():
@@ -58,9 +61,16 @@ def get_args_parser():
                    "evaluation and predict.py alike, so that every input carries the same compression and its "
                    "absence (a PNG, a large photo scaled down) is no cue; 0 = off (default: "
                    f"{PRETRAINED['input_jpeg']} with pretrained weights, {SCRATCH['input_jpeg']} from random init)")
-    g.add_argument("--pseudo_fakes", choices=["none", "sbi", "sbi_only"], default="none",
-                   help="self-blended pseudo-fakes made from the real training faces (sbi.py): sbi adds one per "
-                   "real image, sbi_only trains on real images and their self-blends alone (default: none)")
+    g.add_argument("--pseudo_fakes", choices=["none", "sbi", "sbi_only", "taef2"], default="none",
+                   help="pseudo-fakes made from the real training images: sbi adds a self-blend of each (sbi.py), "
+                   "sbi_only trains on real images and their self-blends alone; taef2 adds each one's reconstruction "
+                   "by a latent diffusion autoencoder (autoencoder.py), made once and cached (default: none)")
+    g.add_argument("--pseudo_from", choices=["all", "train_extra"], default="all",
+                   help="which real training images get a pseudo-fake: all, or only those of the --train_extra "
+                   "folders (the --data_root reals then stay plain reals) (default: all)")
+    g.add_argument("--latent_weights", default=str(autoencoder.DEFAULT_WEIGHTS), metavar="DIR",
+                   help=f"folder holding {' and '.join(autoencoder.FILES)} for --pseudo_fakes taef2 "
+                   "(github.com/madebyollin/taesd) (default: ../shared/weights/taef2)")
     g.add_argument("--sbi_mask", choices=sbi.MASKS, default="ellipse",
                    help="blend mask of the self-blends: ellipse from 5 landmarks (YuNet), or hull of dlib's 68 "
                    "landmarks (needs pip install -r requirements-optional.txt, 100 MB) (default: ellipse)")
@@ -68,12 +78,17 @@ def get_args_parser():
                    help="folders whose real_data/ and/or fake_data/ images join the training split only, never "
                    "val or test: e.g. real faces cut from videos with faces.py (default: none)")
     g.add_argument("--test_sets", nargs="+", default=[], metavar="NAME=PATH",
-                   help="extra held-out folders scored after training, e.g. dfdc=../shared/data/dfdc_crops: "
-                   "real_data/ and fake_data/ inside, or a folder of one kind (default: none)")
+                   help="extra held-out folders scored after training, e.g. dfdc=../shared/data/dfdc_crops (a bare "
+                   "folder is named after itself): real_data/ and fake_data/ inside, or a folder of one kind "
+                   "(default: none)")
     g.add_argument("--image_size", type=at_least(int, 32), default=None,
                    help="input size in pixels, at least 32 (the backbones downsample 32x) (default: the model's "
                    "ImageNet size with pretrained weights: 224, 384 for efficientnet_v2_s; "
                    f"{SCRATCH['image_size']} from random init)")
+    g.add_argument("--input_route", choices=ROUTES, default="resize",
+                   help="how an image becomes the square the network crops from, in training, evaluation and "
+                   "predict.py alike: resize (the short side to image_size / crop_pct) or crop (the centre square "
+                   "at the image's own pixels, never resampled; smaller images are enlarged) (default: resize)")
     g.add_argument("--crop_pct", type=at_least(float, 0.5), default=CROP_PCT, metavar="PCT",
                    help="input size / cached size: images are resized to image_size / PCT and cropped to "
                    "image_size (random crops in training, centre crops in evaluation); 1 feeds the whole face "
@@ -117,7 +132,8 @@ def get_args_parser():
     g.add_argument("--tta", choices=["none", "flip"], default="none",
                    help="test-time augmentation: flip averages each image's logits with its mirror image's, in "
                    "validation, test and predict.py (default: none)")
-    g.add_argument("--seed", type=int, default=0, help="seeds the split, init and batches (default: 0)")
+    g.add_argument("--seed", type=at_least(int, 0, maximum=2**32 - 1), default=0,
+                   help="seeds the split, init and batches, 0 to 2**32 - 1 (default: 0)")
     add_machine_flags(g, runtime="torch")
     g = parser.add_argument_group("several processes (torchrun --nproc_per_node=N main.py ...)")
     g.add_argument("--sync_bn", action="store_true", help="BatchNorm statistics over the global batch, "
@@ -139,6 +155,18 @@ def get_args_parser():
     return parser
 
 
+def test_set_item(parser, item):
+    """A --test_sets item as NAME=PATH: a folder given bare (its path may hold '=') is named after itself."""
+    if Path(item).is_dir():
+        return f"{Path(item).resolve().name.replace('=', '_')}={item}"
+    name, eq, path = item.partition("=")
+    if not eq or not name or not path or "/" in name or os.sep in name:
+        parser.error(f"--test_sets takes NAME=PATH items or folders; {item!r} is no folder"
+                     + (f", and {name!r} before '=' is no name" if eq and name else "")
+                     + " (e.g. sd=../shared/data/generators/sd14_blonde_woman)")
+    return item
+
+
 def parse_args(argv=None):
     """Parse and check the flags; args.given lists the ones the command line really gave."""
     parser = get_args_parser()
@@ -152,9 +180,7 @@ def parse_args(argv=None):
         parser.error(f"--input_jpeg is a JPEG quality, 1 to 100 (0: off), got {args.input_jpeg}")
     if args.crop_pct > 1:
         parser.error(f"--crop_pct must be at most 1 (the whole image), got {args.crop_pct}")
-    for item in args.test_sets:
-        if "=" not in item or not all(item.split("=", 1)):
-            parser.error(f"--test_sets takes NAME=PATH items, got {item!r}")
+    args.test_sets = [test_set_item(parser, item) for item in args.test_sets]
     names = [item.split("=", 1)[0] for item in args.test_sets]
     if len(set(names)) < len(names):
         parser.error(f"--test_sets names must differ, got {' '.join(names)}")
@@ -171,13 +197,19 @@ def load_data(args, model, dist):
                                     args.val_fraction, args.test_fraction, args.seed, args.max_per_class,
                                     args.cache_dir, args.workers, train_extra=args.train_extra)
         train = data.datasets["train"]
-        if args.pseudo_fakes != "none":
+        if args.pseudo_fakes == "taef2":
+            reals = [s for s in train.samples if s.label == 0 and (s.extra or args.pseudo_from == "all")]
+            store = autoencoder.make_reconstructions(train.cache, reals, args.latent_weights)
+            train = sbi.with_pseudo_fakes(train, autoencoder.Reconstruction(store, {s.row: s.digest for s in reals}),
+                                          extra_only=args.pseudo_from == "train_extra")
+        elif args.pseudo_fakes != "none":
             geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0], args.sbi_mask)
             blend = sbi.SelfBlend(geometry)
             if blend.no_face:
                 print(f"warning: --pseudo_fakes: no face found in {blend.no_face} of {len(geometry)} real training "
                       f"images; their self-blends use a mask in the middle of the picture (face crops only)")
-            train = sbi.with_pseudo_fakes(train, blend, only=args.pseudo_fakes == "sbi_only")
+            train = sbi.with_pseudo_fakes(train, blend, only=args.pseudo_fakes == "sbi_only",
+                                          extra_only=args.pseudo_from == "train_extra")
     if not (args.evaluate_only and args.eval_split == "all"):  # a held-out folder needs no split
         dataset.check_splits(data, args.data_root, args.val_fraction, args.test_fraction)
     data.datasets["train"] = dataset.oversample(train) if args.balance == "oversample" else train
@@ -196,7 +228,7 @@ def main(args):
     config.single_process_only(args, dist)
     args, ckpt, ckpt_path = config.resolve(args, dist, device)  # from here on, nothing is "auto"
     utils.seed_everything(args.seed)
-    out = config.prepare_output(args, ckpt_path, write=dist.main)
+    out, stale = config.prepare_output(args, ckpt_path, write=dist.main)  # checked and locked, nothing removed
     precision = utils.choose_precision(device, args.precision)
     print(f"running on {args.machine}: {precision}")
     try:
@@ -206,16 +238,19 @@ def main(args):
         else:
             model = detector_from(vars(args), args.weights if ckpt is None else "none")
         data = load_data(args, model, dist)
-    except (WeightsError, ValueError, dataset.DatasetError, engine.CheckpointError) as e:
+    except (WeightsError, ValueError, dataset.DatasetError, engine.CheckpointError, autoencoder.AutoencoderError) as e:
         sys.exit(f"error: {e}")
     if ckpt is not None and not (args.evaluate_only and args.eval_split == "all"):
         config.check_same_split(ckpt.get("split"), data.samples, args.data_root)
-    if dist.main:
+    if dist.main:  # every check that can refuse has passed: only now does anything in out change
+        config.start_output(args, out, stale, ckpt_path)
         dataset.write_split_csv(data.samples, out / "split.csv")
         report.write_json(config.recorded(args), out / "args.json")
-        if args.pseudo_fakes != "none" and not args.evaluate_only:
+        if args.pseudo_fakes in ("sbi", "sbi_only") and not args.evaluate_only:
             sbi.save_examples(data.datasets["train"], out / "pseudo_fakes.png")
-    history = []
+        elif args.pseudo_fakes == "taef2" and not args.evaluate_only:
+            autoencoder.save_examples(data.datasets["train"], out / "pseudo_fakes.png")
+    history, scored = [], None
     if not args.evaluate_only:
         precision.prepare(model)
         start = time.perf_counter()
@@ -224,9 +259,10 @@ def main(args):
         if dist.on:
             torch.distributed.barrier()  # rank 0's last checkpoint is on disk before anyone reads it
         best = out / "checkpoints" / "best.pt"
-        detector = engine.load_detector(best if best.exists() else out / "checkpoints" / "last.pt", device,
-                                        args.precision)
-    metrics = evaluate.evaluate_and_report(args, detector, data, out, history, dist)
+        scored = best if best.exists() else out / "checkpoints" / "last.pt"
+        detector = engine.load_detector(scored, device, args.precision)
+    metrics = evaluate.evaluate_and_report(args, detector, data, out, history, dist,
+                                           record_in=scored)
     for note in args.notes:  # said at the start; said again where the run ends
         print(f"note: {note}")
     if dist.on:
