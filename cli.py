@@ -27,12 +27,23 @@ RUNTIME_HELP = {
 _silent = False  # set in the processes that must not print (torchrun's ranks > 0)
 
 
-def at_least(cast, minimum, strict=False):
-    """argparse type: cast(text) >= minimum (> minimum when strict)."""
+def number(cast, text):
+    """cast(text), or an argparse error that says what was expected (argparse alone says 'invalid check value')."""
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {'an integer' if cast is int else 'a number'}, got {text!r}") \
+            from None
+
+
+def at_least(cast, minimum, strict=False, maximum=None):
+    """argparse type: cast(text) >= minimum (> minimum when strict), and <= maximum where one is given."""
     def check(text):
-        value = cast(text)
+        value = number(cast, text)
         if value < minimum or (strict and value == minimum):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {minimum}, got {text}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum}, got {text}")
         return value
     return check
 
@@ -44,7 +55,7 @@ def positive(cast):
 
 def fraction(text):
     """argparse type: a float in [0, 1)."""
-    value = float(text)
+    value = number(float, text)
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value

@@ -23,6 +23,12 @@ VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", 
 # lets a 20 KB one-bit PNG of 13000x13000 decode into 1.7 GB; 40 MP (a 48 MP phone photo is
 # saved at 12 MP) decodes into at most about 120 MB of RGB.
 MAX_PIXELS = 40_000_000
+# Pillow refuses a picture of over twice its own limit while opening it, before its size can be checked
+# against --max_pixels (and a raised --max_pixels would change nothing). Its check is switched off here, in
+# the one module that reads files, and check_pixels() applies the limit instead: --max_pixels where one
+# is given, else Pillow's own refusal threshold.
+PILLOW_LIMIT = 2 * Image.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
 # face crops written by faces.py: <source>_f<frame>_<face>.jpg; training groups them by <source>
 CROP_NAME = re.compile(r"^(?P<source>.+)_f(?P<frame>\d+)(?:_(?P<face>\d+))?$")
 
@@ -85,10 +91,12 @@ def crop_source(path):
 
 
 def check_pixels(path, width, height, max_pixels):
-    """Refuse a picture or video frame larger than max_pixels, before anything is decoded."""
-    if max_pixels and width * height > max_pixels:
-        raise MediaError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} MP, over the "
-                         f"{max_pixels / 1e6:g} MP limit (--max_pixels); scale it down first")
+    """Refuse a picture or video frame larger than max_pixels (None: Pillow's own limit), before anything is
+    decoded."""
+    limit = max_pixels or PILLOW_LIMIT
+    if width * height > limit:
+        raise MediaError(f"{path}: {width}x{height} is {width * height / 1e6:.0f} MP, over the {limit / 1e6:g} MP "
+                         f"limit{' (--max_pixels)' if max_pixels else ''}; scale it down first")
 
 
 def load_rgb(path, max_pixels=None):

@@ -31,6 +31,7 @@ line and skipped), 1 when none did or the checkpoint cannot be used.
 import argparse
 import csv
 import json
+import os
 import sys
 import threading
 import time
@@ -154,8 +155,10 @@ class Predictor:
         """[(PIL crop, box)]: the largest face cut as in training, or the whole picture with --no_crop."""
         if self.no_crop:  # preprocess() centre-crops it to a square exactly as the training cache did
             return [(Image.fromarray(rgb), None)]
+        # a model trained on native pixels (--input_route crop) scores the face at the picture's own pixels
+        size = None if self.detector.route == "crop" else detect.FACE_SIZE
         with self._detect_lock:
-            return [(crop, [int(v) for v in box[:4]]) for crop, box in detect.crop_faces(rgb, self.detect)]
+            return [(crop, [int(v) for v in box[:4]]) for crop, box in detect.crop_faces(rgb, self.detect, size=size)]
 
     def score(self, crops):
         """P(fake) per face crop, batch_size faces per forward pass."""
@@ -176,7 +179,11 @@ class Predictor:
             if self._cam is None or not crops:
                 return None
             x = torch.stack([self.detector.preprocess(c) for c in crops]).to(self.detector.precision.device)
-            return torch.cat([self._cam(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+            try:
+                return torch.cat([self._cam(x[i:i + self.batch_size]) for i in range(0, len(x), self.batch_size)])
+            except gradcam.GradCAMUnsupported as e:  # e.g. a 1x1 last feature map at --image_size 32
+                self._cam, self.gradcam_error = None, str(e)  # verdicts without heatmaps from here on
+                return None
 
     def verdict(self, path, found, probs):
         """The result dict of one input: label, P(fake) (video_score of its faces), one row per face."""
@@ -261,6 +268,19 @@ def output_rows(results, errors):
     return rows
 
 
+def check_writable(path, flag, folder=False):
+    """Stop with one line, before anything is scored, where `path` (a file, or a folder) cannot be written:
+    a file in the way of a folder, a folder where a file goes, a folder without write permission."""
+    for parent in ([path] if folder else []) + list(path.parents):
+        if parent.exists() and not parent.is_dir():
+            sys.exit(f"error: {flag} {path}: {parent} is a file, not a folder; pick another path")
+    if not folder and path.is_dir():
+        sys.exit(f"error: {flag} {path} is a folder; give a file name (FILE.csv, FILE.json)")
+    existing = next(p for p in [path, *path.parents] if p.exists())
+    if not os.access(existing if existing.is_dir() else existing.parent, os.W_OK):
+        sys.exit(f"error: {flag} {path}: {existing} cannot be written to; pick another path")
+
+
 def write_outputs(results, errors, paths, predictor, checkpoint):
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -283,6 +303,10 @@ def main(args):
     """Score every input; returns {"results", "errors"}. Refuses to overwrite earlier outputs."""
     outputs = output_paths(args.output)
     gradcam_dir = Path(args.gradcam) if args.gradcam else None
+    for path in outputs:
+        check_writable(path, "--output")
+    if gradcam_dir:
+        check_writable(gradcam_dir, "--gradcam", folder=True)
     if not args.overwrite:
         for p in [p for p in outputs if p.exists()] + ([gradcam_dir] if gradcam_dir and gradcam_dir.is_dir()
                                                        and any(gradcam_dir.iterdir()) else []):
@@ -325,6 +349,7 @@ def main(args):
     if gradcam_dir and predictor.gradcam_error:
         print(f"note: no heatmaps written: {predictor.gradcam_error}", file=sys.stderr)
     seconds, n_faces = time.perf_counter() - start, sum(r["faces"] for r in results)
+    print(engine.validation_line(predictor.detector.validated_on))
     print(f"{len(results)} of {len(files)} input(s) scored, {n_faces} face(s) in {seconds:.1f} s "
           f"({n_faces / max(seconds, 1e-9):.1f} faces/s incl. decoding and detection, "
           f"{runtime.describe(predictor.detector)}); threshold {predictor.threshold:.3f} "
