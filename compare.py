@@ -34,6 +34,7 @@ matplotlib.use("Agg")  # files only, never windows
 import matplotlib.pyplot as plt
 
 import engine
+from cli import at_least, interruptible
 from model import check_name
 from recipes import MAIN, compare_recipes, refused_flags, run_main, shared_flags
 
@@ -165,8 +166,12 @@ def get_args_parser():
                         "(default: resnet18,mobilenet_v3_large,efficientnet_b0)")
     parser.add_argument("--recipes", default=None, metavar="FILE", help="compare the recipes in FILE "
                         "(`name: main.py flags` per line) instead of backbones (default: off)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+    parser.add_argument("--seeds", type=at_least(int, 0, maximum=2**32 - 1), nargs="+", default=[0, 1, 2],
                         help="with --recipes: one run per seed (default: 0 1 2)")
+    parser.add_argument("--groups", nargs="+", default=[], metavar="NAME=SET,SET",
+                        help="with --recipes: a 'NAME mean' column per group of --test_sets names, e.g. gan=sg3 "
+                        "diffusion=sd14 swaps=dfdc,videos, so that one kind of fake's failure is not averaged "
+                        "away by another's success (default: none, only the unseen mean of all)")
     return parser
 
 
@@ -176,12 +181,24 @@ def parse_args(argv=None):
     return [m.strip() for m in ours.models.split(",") if m.strip()], rest
 
 
-if __name__ == "__main__":
+def main():
     ours, rest = get_args_parser().parse_known_args()
     if ours.recipes:
-        failed = [r for row in compare_recipes(ours.recipes, ours.seeds, rest).values() for r in row["runs"]
+        groups = {}
+        for item in ours.groups:
+            name, eq, sets = item.partition("=")
+            if not (name and eq and sets):
+                sys.exit(f"error: --groups takes NAME=SET,SET items (e.g. diffusion=sd14), got {item!r}")
+            groups[name] = sets.split(",")
+        failed = [r for row in compare_recipes(ours.recipes, ours.seeds, rest, groups).values() for r in row["runs"]
                   if "error" in r]
     else:
         failed = [r for r in compare(*parse_args()) if "error" in r]
     if failed:  # the table has every row; the exit code says that some of them failed
         sys.exit(f"{len(failed)} run(s) failed: see the 'failed' cells of the table")
+
+
+if __name__ == "__main__":
+    # Ctrl-C: one line, no traceback; every finished row is in the table, and the same command again keeps
+    # the finished runs and resumes the interrupted one
+    interruptible(main)

@@ -67,17 +67,36 @@ def finished(argv, folder):
     return True
 
 
+def interrupted_run(argv, folder):
+    """True if `folder` holds a run of exactly these flags that stopped before its report (a Ctrl-C, a crash):
+    the grid then resumes it from its last finished epoch instead of failing on the folder."""
+    command = folder / "command.json"
+    return (command.is_file() and (folder / "checkpoints" / "last.pt").is_file()
+            and not (folder / "metrics.json").is_file()
+            and without_overwrite(json.loads(command.read_text())) == without_overwrite(argv))
+
+
 def run_main(argv, folder):
-    """python main.py ARGV --output_dir FOLDER, its output in FOLDER/train.log; None, or why it failed.
+    """python main.py ARGV --output_dir FOLDER, its output in FOLDER/train.log; None, or why it failed. A run
+    of the same flags that was interrupted there is resumed (--resume), its log continued.
 
     A subprocess, not a function call: a run that crashes or runs out of memory loses only its
     own row, and the peak memory main.py records then belongs to that run alone."""
     folder.mkdir(parents=True, exist_ok=True)
+    resume = ["--resume"] if interrupted_run(argv, folder) else []
     (folder / "command.json").write_text(json.dumps(argv))  # what finished() compares a later grid's flags with
-    print(f"== {' '.join(argv)}: output in {folder / 'train.log'}", flush=True)
-    with open(folder / "train.log", "w") as log:
-        rc = subprocess.run([sys.executable, str(MAIN), *without_output_dir(argv), "--output_dir", str(folder)],
-                            stdout=log, stderr=subprocess.STDOUT).returncode
+    print(f"== {' '.join(argv)}{' (resumed)' if resume else ''}: output in {folder / 'train.log'}", flush=True)
+    with open(folder / "train.log", "a" if resume else "w") as log:
+        child = subprocess.Popen([sys.executable, str(MAIN), *without_output_dir(argv), *resume,
+                                  "--output_dir", str(folder)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            rc = child.wait()
+        except KeyboardInterrupt:  # the run got the Ctrl-C too: give it the time to keep its last epoch
+            try:
+                child.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                child.kill()
+            raise
     if rc == 0:
         return None
     why = f"exit code {rc}: {last_message((folder / 'train.log').read_text(errors='replace'))}"
@@ -125,6 +144,27 @@ def shared_flags():
 RECIPE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")  # it names a folder: no path separators
 
 
+def strip_comment(line):
+    """The line up to its comment: a '#' that starts a word outside quotes, as in a shell (so a quoted
+    'a#b' and a bare path/with#hash are kept whole)."""
+    quote, escaped, word_starts = None, False, True
+    for i, ch in enumerate(line):
+        if escaped:
+            escaped, word_starts = False, False
+        elif ch == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            quote = None if ch == quote else quote
+        elif ch == "#" and word_starts:
+            return line[:i]
+        else:
+            quote = ch if ch in "'\"" else None
+            word_starts = ch.isspace()
+            continue
+        word_starts = False
+    return line
+
+
 def read_recipes(path, lines=None):
     """{name: [main.py flags]} from lines `name: flags` ('#' starts a comment); `lines`, if given, gets
     {name: line number}. A bad file stops with one line naming the line: no colon, a name that is no
@@ -135,7 +175,7 @@ def read_recipes(path, lines=None):
         sys.exit(f"error: {path}: cannot read the recipes file ({e.strerror})")
     recipes = {}
     for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.split("#", 1)[0].strip()
+        line = strip_comment(raw).strip()
         if not line:
             continue
         name, colon, flags = (part.strip() for part in line.partition(":"))
@@ -190,9 +230,21 @@ def beyond_training_columns(test_sets):
     return aucs, false_alarms
 
 
-def recipe_row(folder):
-    """What one finished recipe run left: val/test AUC, the AUCs beyond its training data and their mean,
-    minutes, img/s."""
+def group_means(aucs, groups):
+    """{"NAME mean": mean ROC-AUC of the columns whose set (the fake side of a pairing) is in the group} for
+    groups {NAME: [set names]}: GAN, diffusion and face-swap columns each get a mean of their own, so that one
+    kind's failure is not averaged away by another's success."""
+    means = {}
+    for name, sets in groups.items():
+        known = [v for column, v in aucs.items() if column.split(" vs ")[0] in sets and v is not None and v == v]
+        if known:
+            means[f"{name} mean"] = statistics.mean(known)
+    return means
+
+
+def recipe_row(folder, groups=None):
+    """What one finished recipe run left: val/test AUC, the AUCs beyond its training data, their mean (and the
+    mean of each group of sets), minutes, img/s."""
     metrics = json.loads((folder / "metrics.json").read_text())
     with open(folder / "history.csv", newline="") as f:
         history = list(csv.DictReader(f))
@@ -203,17 +255,28 @@ def recipe_row(folder):
     known = [v for v in aucs.values() if v is not None and v == v]
     return {"val_auc": float(best["val_auc"]), "test_auc": metrics["at_val_threshold"]["roc_auc"],
             "to_quality": hits[0] if hits else None,  # None: validation never reached QUALITY
-            "sets": {**aucs, **({UNSEEN_MEAN: statistics.mean(known)} if known else {})},  # no sets, no mean
+            "sets": {**aucs, **group_means(aucs, groups or {}),
+                     **({UNSEEN_MEAN: statistics.mean(known)} if known else {})},  # no sets, no mean
             "called_fake": false_alarms,
             "minutes": sum(float(h["epoch_s"]) for h in history) / 60,
             "img_s": statistics.mean(float(h["train_img_s"]) for h in history)}
 
 
-def compare_recipes(recipes_file, seeds, argv):
+def compare_recipes(recipes_file, seeds, argv, groups=None):
     """Run every recipe once per seed; write <recipes file name>.md (mean +/- std over seeds) after each
-    recipe, so a stop keeps every finished row. Returns the rows."""
+    recipe, so a stop keeps every finished row. groups: {NAME: [--test_sets names]}, a mean column each.
+    Returns the rows."""
     numbers = {}
     recipes = read_recipes(recipes_file, numbers)  # a bad line stops here, before any run
+    if len(set(seeds)) < len(seeds):
+        sys.exit(f"error: --seeds {' '.join(map(str, seeds))} names a seed twice: each seed is one run")
+    sets_seed = lambda flags: any(f == "--seed" or f.startswith("--seed=") for f in flags)  # noqa: E731
+    if sets_seed(argv):
+        sys.exit("error: --seed: with --recipes the seeds come from --seeds (one run each); leave --seed out")
+    for name, flags in recipes.items():
+        if sets_seed(flags):
+            sys.exit(f"error: {recipes_file}, line {numbers[name]} ({name}): sets --seed, but the seeds come from "
+                     f"compare.py --seeds (one run each); leave --seed out of the recipe")
     refused = refused_flags([[*argv, *flags, "--seed", str(seeds[0])] for flags in recipes.values()])
     bad = [f"{recipes_file}, line {numbers[name]} ({name}): {why}" for name, why in zip(recipes, refused) if why]
     if bad:  # every line checked before the first run: a typo never costs the rows of the others
@@ -223,6 +286,8 @@ def compare_recipes(recipes_file, seeds, argv):
     md = out / f"{Path(recipes_file).stem}.md"  # several recipe files can share one output folder and its runs
     if md.exists() and IN_PROGRESS not in md.read_text().split("\n", 1)[0] and not shared.overwrite:
         sys.exit(f"{md} already holds a comparison; pass --overwrite to replace it, or pick another --output_dir")
+    command = " ".join(["python compare.py --recipes", str(recipes_file), "--seeds", *map(str, seeds), *argv]
+                       + (["--groups", *(f"{g}={','.join(sets)}" for g, sets in groups.items())] if groups else []))
     rows = {}
     for k, (name, flags) in enumerate(recipes.items(), 1):
         runs = []
@@ -230,15 +295,13 @@ def compare_recipes(recipes_file, seeds, argv):
             folder = out / "recipes" / name / f"seed{seed}"
             run_argv = [*argv, *flags, "--seed", str(seed)]
             error = None if finished(run_argv, folder) else run_main(run_argv, folder)
-            runs.append({"error": error} if error else recipe_row(folder))
+            runs.append({"error": error} if error else recipe_row(folder, groups))
         rows[name] = {"flags": " ".join(flags), "runs": runs}
         ok = [r for r in runs if "error" not in r]
         unseen = [r["sets"][UNSEEN_MEAN] for r in ok if UNSEEN_MEAN in r["sets"]]
         print(f"   {name}: test ROC-AUC {mean_std([r['test_auc'] for r in ok])}"
               + (f", {UNSEEN_MEAN} {mean_std(unseen)}" if unseen else "") + f" over {len(ok)} seed(s)")
-        write_recipes_table(rows, md, f"python compare.py --recipes {recipes_file} --seeds "
-                                      f"{' '.join(map(str, seeds))} {' '.join(argv)}",
-                            done=k == len(recipes))
+        write_recipes_table(rows, md, command, done=k == len(recipes))
     print(f"wrote {md}")
     return rows
 
