@@ -368,12 +368,15 @@ def prepare_output(args, ckpt_path, write=True):
         sys.exit(f"error: {out} holds {', '.join(theirs)}, which this project did not write, and a run would write "
                  f"over {'it' if len(theirs) == 1 else 'them'}: move {'it' if len(theirs) == 1 else 'them'} "
                  f"elsewhere or pick another --output_dir")
+    # A folder holds a run (or an evaluation) once it holds a checkpoint or a report: what a run that stopped
+    # before its first epoch left (args.json, split.csv) is replaced without asking.
+    holds = any(f not in ("args.json", "split.csv") for f in ours)
     if args.evaluate_only:
-        if ours and not args.overwrite:
+        if holds and not args.overwrite:
             sys.exit(f"{out} already holds an evaluation; pass --overwrite to replace it")
         return out, ours
     if args.resume is None or owner not in (None, args.run_id):
-        if ours and not args.overwrite:
+        if holds and not args.overwrite:
             sys.exit(f"{out} already holds a run; continue it with --resume, pick another --output_dir, or replace "
                      f"it with --overwrite" if args.resume is None else
                      f"error: {out} holds another run than the checkpoint {ckpt_path} (a copy, or a run trained "

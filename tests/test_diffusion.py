@@ -159,6 +159,22 @@ def test_pseudo_fakes_taef2_trains_and_shows_its_pairs(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in made} == made  # made once: a second run reuses them
 
 
+@needs_weights
+def test_pseudo_fakes_of_the_extra_reals_only(tmp_path):
+    extra = tmp_path / "extra" / "real_data"
+    extra.mkdir(parents=True)
+    for p in sorted((SAMPLE / "real_data").glob("*.jpg"))[-3:]:
+        Image.open(p).save(extra / p.name)
+    out = tmp_path / "run"
+    main.main(tiny_args(SAMPLE, out, "--epochs", "1", "--max_per_class", "6", "--pseudo_fakes", "taef2",
+                        "--input_route", "crop", "--latent_weights", str(WEIGHTS), "--train_extra",
+                        str(tmp_path / "extra"), "--pseudo_from", "train_extra"))
+    summary = (out / "summary.md").read_text()
+    assert "fake, of which 3 TAEF2 reconstructions)" in summary and (out / "pseudo_fakes.png").is_file()
+    with pytest.raises(SystemExit, match="--pseudo_from train_extra .* no --train_extra folder"):
+        main.main(tiny_args(SAMPLE, tmp_path / "none", "--pseudo_fakes", "taef2", "--pseudo_from", "train_extra"))
+
+
 def test_taef2_without_its_weights_stops_before_training(tmp_path):
     with pytest.raises(SystemExit, match="taef2_encoder.pth, taef2_decoder.pth not found in --latent_weights"):
         main.main(tiny_args(SAMPLE, tmp_path / "run", "--pseudo_fakes", "taef2", "--latent_weights",

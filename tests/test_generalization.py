@@ -118,9 +118,10 @@ def test_a_checkpoint_keeps_its_input_filter_and_jpeg_step(tmp_path):
     detector = engine.load_detector(tmp_path / "ckpt.pt", "cpu", "fp32")
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(detector.model(x), model(x))
+        # atol: the loaded model runs channels_last, whose convolutions round differently
+        assert torch.allclose(detector.model(x), model(x), atol=1e-5)
         model.input_filter = INPUT_FILTERS["none"]()
-        assert not torch.allclose(detector.model(x), model(x))  # the filter changes what the backbone sees
+        assert not torch.allclose(detector.model(x), model(x), atol=1e-5)  # the filter changes what the backbone sees
     pixels = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     assert torch.equal(detector.transform(pixels), presets.eval_transform(32, model.mean, model.std, 1, 60)(pixels))
     assert not torch.equal(detector.transform(pixels), presets.eval_transform(32, model.mean, model.std, 1)(pixels))

@@ -127,11 +127,18 @@ def test_a_test_set_holding_training_images_is_flagged(trained_run, sample_root,
     assert f"**{row['seen_in_training']} in train/val**" in (tmp_path / "out" / "evaluation" / "summary.md").read_text()
 
 
-def test_a_crashed_evaluation_does_not_demand_overwrite(trained_run, tmp_path):
-    (tmp_path / "evaluation").mkdir()
-    (tmp_path / "evaluation" / "split.csv").write_text("path,label,split\n")  # what a crash leaves
-    main.main(main.parse_args(["--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"),
-                               "--workers", "0", "--output_dir", str(tmp_path)]))
+def test_a_crashed_evaluation_does_not_demand_overwrite(trained_run, tmp_path, monkeypatch):
+    flags = ["--evaluate_only", "--checkpoint", str(trained_run / "checkpoints" / "best.pt"), "--workers", "0",
+             "--output_dir", str(tmp_path)]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("out of memory")
+    with monkeypatch.context() as m:
+        m.setattr(main.evaluate, "evaluate_and_report", crash)
+        with pytest.raises(RuntimeError):
+            main.main(main.parse_args(flags))
+    assert (tmp_path / "evaluation" / "split.csv").is_file()  # what the crash left: no report, no run
+    main.main(main.parse_args(flags))
     assert (tmp_path / "evaluation" / "summary.md").is_file()
 
 

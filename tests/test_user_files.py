@@ -106,6 +106,20 @@ def test_resume_from_a_copy_refuses_a_folder_that_holds_another_run(sample_root,
     assert engine.load_checkpoint(tmp_path / "elsewhere" / "checkpoints" / "last.pt")["epoch"] == 1
 
 
+def test_a_run_that_stopped_before_its_first_epoch_is_no_run_to_protect(sample_root, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("stopped before the first epoch")
+    monkeypatch.setattr(main.training, "fit", broken)
+    with pytest.raises(RuntimeError):
+        main.main(tiny_args(sample_root, out, "--epochs", "1", "--max_per_class", "8"))
+    assert (out / "split.csv").is_file() and not (out / "checkpoints").exists()
+    monkeypatch.undo()
+    main.main(tiny_args(sample_root, out, "--epochs", "1", "--max_per_class", "8"))  # no --overwrite needed
+    assert (out / "summary.md").is_file()
+
+
 def test_an_output_folder_inside_the_data_is_refused(tmp_path):
     root = make_folder(tmp_path / "data", {"real_data": 10, "fake_data": 10})
     with pytest.raises(SystemExit, match="is inside .*real_data, where the images are read from"):
