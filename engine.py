@@ -263,6 +263,11 @@ class Detector:
     route: str = "resize"         # how a picture becomes the cached square (presets.square_pixels, --input_route)
     validated_on: dict = None     # what the run scored it on after training (validation_record), if anything
 
+    @property
+    def input_side(self):
+        """The side of what the scorer sees: image_size, or on the crop route the whole cached square."""
+        return self.cache_size if self.route == "crop" else self.image_size
+
     def preprocess(self, pil):
         """PIL face crop -> normalized (3, S, S), exactly as the training cache + eval transform."""
         pixels = presets.square_pixels(pil, self.cache_size, self.route)  # (s, s, 3) uint8

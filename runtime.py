@@ -67,7 +67,7 @@ def choose_scorer(detector, runtime="auto", n_images=None):
     if not pays_off(runtime, detector.precision, n_images) or isinstance(detector.scorer, OnnxScorer):
         return detector.scorer
     try:
-        onnx = OnnxScorer(detector.scorer, detector.image_size)
+        onnx = OnnxScorer(detector.scorer, detector.input_side)
     except Exception as e:  # not installed, or an operator the exporter lacks (ViT's fused attention)
         print(f"warning: scoring with PyTorch: ONNX Runtime could not take this model "
               f"({one_line(e)})")
@@ -84,7 +84,7 @@ def choose_scorer(detector, runtime="auto", n_images=None):
 @torch.inference_mode()
 def disagreement(detector, onnx, n=4):
     """Largest |P(fake)| difference between PyTorch (in fp32) and the export on n random images."""
-    x = torch.randn(n, 3, detector.image_size, detector.image_size, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(n, 3, detector.input_side, detector.input_side, generator=torch.Generator().manual_seed(0))
     scorer = detector.scorer
     mine = scorer(x.to(next(scorer.parameters()).device)).float().softmax(1)[:, 1].cpu()
     return float((mine - onnx(x).softmax(1)[:, 1]).abs().max())

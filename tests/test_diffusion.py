@@ -14,6 +14,7 @@ import main
 import predict
 import presets
 import recipes
+import runtime
 
 WEIGHTS = ROOT.parent / "shared" / "weights" / "taef2"
 needs_weights = pytest.mark.skipif(not (WEIGHTS / autoencoder.FILES[1]).is_file(),
@@ -69,6 +70,17 @@ def test_a_model_trained_with_crops_scores_a_large_face_at_its_own_pixels(crop_r
     assert torch.equal(detector.preprocess(crop), detector.transform(centre))  # its own pixels, the middle of it
     resize_model = predict.Predictor(trained_run / "checkpoints" / "best.pt", device="cpu")
     assert resize_model.detector.route == "resize" and resize_model.read(face).crops[0].size == (256, 256)
+
+
+def test_onnx_runtime_scores_the_whole_square_of_a_crop_route_model(crop_run, tmp_path):
+    # the web page scores through ONNX Runtime: its export must take the square the crop route feeds,
+    # not --image_size crops (a 1024-px upload was an internal error)
+    detector = predict.Predictor(crop_run / "checkpoints" / "best.pt", device="cpu").detector
+    batch = detector.preprocess(Image.open(big_face(tmp_path / "big.png"))).unsqueeze(0)
+    assert batch.shape[-1] == detector.cache_size > detector.image_size
+    in_torch = detector.fake_probs(batch)
+    assert isinstance(runtime.choose_scorer(detector, "onnx"), runtime.OnnxScorer)
+    assert torch.allclose(detector.fake_probs(batch), in_torch, atol=1e-3)
 
 
 def test_an_old_checkpoint_keeps_the_resize_route(trained_run, tmp_path):
