@@ -35,6 +35,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+import sbi
 from cli import progress
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "shared" / "weights" / "taef2"
@@ -213,7 +214,7 @@ class Reconstruction:
 def save_examples(ds, path, n=4):
     """pseudo_fakes.png: the pairs trained together, real | reconstruction | what changed (x8), for n real
     training images, at their own pixels."""
-    real = [s for s in ds.samples if s.label == 0 and not s.pseudo and s.row in ds.blend.digests][:n]
+    real = sbi.blended_reals(ds)[:n]
     fig, axes = plt.subplots(len(real), 3, figsize=(9, 3 * len(real)), squeeze=False)
     for ax_row, s in zip(axes, real):
         img, made = np.array(ds.cache[s.row]), ds.blend.pixels(s.row)

@@ -305,24 +305,25 @@ def run_identity(ckpt):
     return "before-ids-" + hashlib.sha1(json.dumps(first[0], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def is_ours(folder):
-    """True if folder's manifest is one this project wrote."""
+def manifest_of(folder):
+    """folder's manifest as a dict if this project wrote it (files, run_id), else None."""
     try:
-        return json.loads((folder / MANIFEST).read_text()).get("written_by") == WRITER
-    except (OSError, ValueError, AttributeError):
-        return False
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    ok = isinstance(manifest, dict) and manifest.get("written_by") == WRITER
+    return manifest if ok and isinstance(manifest.get("files"), list) and "run_id" in manifest else None
 
 
 def written_here(folder):
     """(the files this project wrote in folder that are still there, relative paths; the id of their run or
     None). From the folder's manifest; a run from before manifests is known by its checkpoints, and then
     only the files a run writes count as its own."""
-    try:
-        if not is_ours(folder):
-            raise ValueError
-        manifest = json.loads((folder / MANIFEST).read_text())
-        files, run_id = manifest["files"], manifest["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):  # none, or not ours
+    manifest = manifest_of(folder)
+    if manifest is not None:
+        # only names this project writes: a manifest copied or edited elsewhere can claim nothing else
+        files, run_id = [f for f in manifest["files"] if f in RUN_FILES], manifest["run_id"]
+    else:  # none, or not ours
         if folder.name == "evaluation":  # an evaluation from before manifests: its run's folder knows it
             ours, run_id = written_here(folder.parent)
             return [f.split("/", 1)[1] for f in ours if f.startswith("evaluation/")], run_id
@@ -363,7 +364,7 @@ def prepare_output(args, ckpt_path, write=True):
     ours, owner = written_here(out)
     planned = EVALUATION_FILES if args.evaluate_only else RUN_FILES
     theirs = [f for f in planned if (out / f).exists() and f not in ours]
-    theirs += [MANIFEST] if (out / MANIFEST).exists() and not is_ours(out) else []
+    theirs += [MANIFEST] if (out / MANIFEST).exists() and manifest_of(out) is None else []
     if theirs:
         sys.exit(f"error: {out} holds {', '.join(theirs)}, which this project did not write, and a run would write "
                  f"over {'it' if len(theirs) == 1 else 'them'}: move {'it' if len(theirs) == 1 else 'them'} "

@@ -229,7 +229,7 @@ def class_folder_holding(path, roots):
     """The class folder (real_data/ or fake_data/, pre-split ones too) under one of roots that path lies in,
     or None: a run writing there would put its own pictures among the images."""
     path = Path(path).resolve()
-    for root in map(lambda r: Path(r).resolve(), roots):
+    for root in (Path(r).resolve() for r in roots):
         if root in path.parents or root == path:
             parts = path.relative_to(root).parts
             for k, part in enumerate(parts[:2]):

@@ -197,19 +197,19 @@ def load_data(args, model, dist):
                                     args.val_fraction, args.test_fraction, args.seed, args.max_per_class,
                                     args.cache_dir, args.workers, train_extra=args.train_extra)
         train = data.datasets["train"]
+        extra_only = args.pseudo_from == "train_extra"
+        reals = sbi.pseudo_sources(train, extra_only)
         if args.pseudo_fakes == "taef2":
-            reals = [s for s in train.samples if s.label == 0 and (s.extra or args.pseudo_from == "all")]
             store = autoencoder.make_reconstructions(train.cache, reals, args.latent_weights)
             train = sbi.with_pseudo_fakes(train, autoencoder.Reconstruction(store, {s.row: s.digest for s in reals}),
-                                          extra_only=args.pseudo_from == "train_extra")
+                                          extra_only=extra_only)
         elif args.pseudo_fakes != "none":
-            geometry = sbi.load_geometry(train.cache, [s.row for s in train.samples if s.label == 0], args.sbi_mask)
+            geometry = sbi.load_geometry(train.cache, [s.row for s in reals], args.sbi_mask)
             blend = sbi.SelfBlend(geometry)
             if blend.no_face:
                 print(f"warning: --pseudo_fakes: no face found in {blend.no_face} of {len(geometry)} real training "
                       f"images; their self-blends use a mask in the middle of the picture (face crops only)")
-            train = sbi.with_pseudo_fakes(train, blend, only=args.pseudo_fakes == "sbi_only",
-                                          extra_only=args.pseudo_from == "train_extra")
+            train = sbi.with_pseudo_fakes(train, blend, only=args.pseudo_fakes == "sbi_only", extra_only=extra_only)
     if not (args.evaluate_only and args.eval_split == "all"):  # a held-out folder needs no split
         dataset.check_splits(data, args.data_root, args.val_fraction, args.test_fraction)
     data.datasets["train"] = dataset.oversample(train) if args.balance == "oversample" else train

@@ -185,7 +185,7 @@ class SelfBlend:
 def save_examples(ds, path, n=6, seed=0):
     """pseudo_fakes.png: the pairs trained together, real face | mask | self-blend | what changed, for n
     real training faces."""
-    real = [s for s in ds.samples if s.label == 0 and not s.pseudo][:n]
+    real = blended_reals(ds)[:n]
     rng = np.random.default_rng(seed)
     fig, axes = plt.subplots(len(real), 4, figsize=(10, 2.5 * len(real)), squeeze=False)
     for ax_row, s in zip(axes, real):
@@ -207,11 +207,21 @@ def save_examples(ds, path, n=6, seed=0):
     return path
 
 
+def pseudo_sources(train, extra_only=False):
+    """The real training images that get a pseudo-fake: all of them, or (extra_only) the --train_extra ones."""
+    return [s for s in train.samples if s.label == 0 and (s.extra or not extra_only)]
+
+
+def blended_reals(ds):
+    """The real images of ds that have their pseudo-fake in ds (what pseudo_fakes.png can show)."""
+    made = {s.row for s in ds.samples if s.pseudo}
+    return [s for s in ds.samples if s.label == 0 and not s.pseudo and s.row in made]
+
+
 def with_pseudo_fakes(train, blend, only=False, extra_only=False):
-    """The training split plus a pseudo-fake (label fake) made by `blend` from every real image (extra_only:
-    from the --train_extra ones alone); only=True drops the split's own fakes, so the fakes come from
-    blending alone."""
+    """The training split plus a pseudo-fake (label fake) made by `blend` from every real image of
+    pseudo_sources(); only=True drops the split's own fakes, so the fakes come from blending alone."""
     reals = [s for s in train.samples if s.label == 0]
-    pseudo = [replace(s, label=1, pseudo=True) for s in reals if s.extra or not extra_only]
+    pseudo = [replace(s, label=1, pseudo=True) for s in pseudo_sources(train, extra_only)]
     return dataset.DeepfakeDataset((reals if only else train.samples) + pseudo, train.transform, train.cache,
                                    train.size, blend, train.route)

@@ -311,6 +311,19 @@ def test_pseudo_fakes_go_into_training_only_with_their_picture(sample_root, tmp_
             assert im.height > 600 and np.asarray(im.convert("L")).std() > 20
 
 
+def test_self_blends_of_the_extra_reals_only(sample_root, tmp_path):
+    extra = tmp_path / "extra" / "real_data"
+    extra.mkdir(parents=True)
+    for p in sorted((sample_root / "real_data").glob("*.jpg"))[-3:]:
+        Image.open(p).save(extra / p.name)
+    out = tmp_path / "run"
+    main.main(tiny_args(sample_root, out, "--epochs", "1", "--max_per_class", "10", "--image_size", "64",
+                        "--pseudo_fakes", "sbi", "--train_extra", str(tmp_path / "extra"), "--pseudo_from",
+                        "train_extra"))
+    assert "fake, of which 3 self-blended" in (out / "summary.md").read_text()
+    assert (out / "pseudo_fakes.png").is_file()  # shows the reals that were blended, not the others
+
+
 def test_test_sets_add_a_cross_dataset_table(trained_run, sample_root, tmp_path):
     import shutil
     (tmp_path / "fakes").mkdir()
